@@ -1,0 +1,64 @@
+"""Operator library: `build(name, **config)` takes the paper's operator YAML keys unchanged.
+
+Token mixers (they replace self-attention, graft type `mha`) are called as `op(x, hw)` with x (B, N, D) and hw the
+(h, w) token grid; channel mixers (graft type `mlp`) as `op(x)`. Both return (B, N, D).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OperatorInfo:
+    """What the factory knows about an operator: what it replaces, its class, and its width / length keys."""
+
+    name: str
+    replaces: str  # "mha" (token mixer) or "mlp" (channel mixer)
+    target: str  # "module:attribute"
+    width_key: str
+    length_key: str | None = None  # sequence-length argument, if the operator is tied to one
+
+    def factory(self):
+        module, attr = self.target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+OPERATORS: dict[str, OperatorInfo] = {
+    info.name: info
+    for info in [
+        OperatorInfo("mha", "mha", "models.operators.attention:MultiHeadAttention", "dim"),
+        OperatorInfo("swa", "mha", "models.operators.attention:SlidingWindowAttention", "embed_dim"),
+        OperatorInfo("hyena_se", "mha", "models.operators.hyena:HyenaSE", "d_model", "l_max"),
+        OperatorInfo("hyena_x", "mha", "models.operators.hyena:HyenaX", "d_model", "l_max"),
+        OperatorInfo("hyena_y", "mha", "models.operators.hyena:HyenaY", "d_model", "l_max"),
+        OperatorInfo("mamba2", "mha", "models.operators.mamba2:Mamba2", "d_model"),
+        OperatorInfo("mlp", "mlp", "models.operators.mlp:build_mlp", "d_model"),
+        OperatorInfo("mlp_hyena_x", "mlp", "models.operators.mlp:MlpHyenaX", "d_model", "l_max"),
+    ]
+}
+
+
+def operator_info(name: str) -> OperatorInfo:
+    """Look an operator up by its YAML name; unknown names list the known ones."""
+    try:
+        return OPERATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown operator {name!r}; known operators: {sorted(OPERATORS)}") from None
+
+
+def build(name: str, **config) -> nn.Module:
+    """Build operator `name` from its YAML config; unknown keys are an error that names them."""
+    factory = operator_info(name).factory()
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(config) - set(params))
+        if unknown:
+            raise ValueError(f"operator {name!r}: unknown config keys {unknown}; accepted: {sorted(params)}")
+    missing = [key for key, p in params.items() if p.default is inspect.Parameter.empty and key not in config]
+    if missing:
+        raise ValueError(f"operator {name!r}: missing required config keys {missing}")
+    return factory(**config)

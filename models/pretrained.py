@@ -1,0 +1,168 @@
+"""Loading and saving for our transformers in the formats users have: diffusers folders, original `.pth`/`.pt`
+files, and our own export folders (config + safetensors + optional graft spec)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from models.config import ConfigError, from_dict, to_dict
+from models.weights import (KeyMap, StateDict, load_strict, read_diffusers_weights, read_state_dict,
+                            save_json, save_safetensors, save_torch)
+
+NATIVE_WEIGHTS = "model.safetensors"
+GRAFT_FILE = "graft.yaml"
+
+
+def component_folder(root: Path, name: str) -> Path:
+    """A diffusers pipeline keeps each component in a subfolder; a bare component folder is used as is."""
+    return root / name if (root / name).is_dir() else root
+
+
+class PretrainedModel(nn.Module):
+    """Base for PixArt-Sigma and DiT: format detection, strict loading, and saving in every format."""
+
+    config_class: ClassVar[type]
+    presets: ClassVar[dict[str, dict[str, Any]]]
+    diffusers_class_names: ClassVar[tuple[str, ...]]
+    #: original-format tensors the model recomputes (checked by `check_original_extras`, then dropped)
+    original_extras: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.graft = None  # a GraftSpec once operators have been swapped (models.graft)
+
+    # ---- hooks for subclasses ------------------------------------------------------------------------------
+    @classmethod
+    def key_map(cls, config) -> KeyMap:
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_diffusers(cls, diffusers_config: dict[str, Any], **overrides):
+        raise NotImplementedError
+
+    @classmethod
+    def diffusers_config(cls, config) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_original_extras(self, extras: StateDict, source: str) -> None:
+        """Validate recomputed tensors found in an original checkpoint (default: nothing to check)."""
+
+    def original_extra_tensors(self) -> StateDict:
+        """Recomputed tensors the original code expects in its checkpoints (default: none)."""
+        return {}
+
+    # ---- configs ---------------------------------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, preset: str | None = None, **overrides):
+        """Config from a preset name (see `presets`) and explicit overrides; unknown keys are errors."""
+        base: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in cls.presets:
+                raise ConfigError(f"unknown {cls.__name__} preset {preset!r}; presets: {sorted(cls.presets)}")
+            base = dict(cls.presets[preset])
+        return from_dict(cls.config_class, {**base, **overrides}, where=f"{cls.__name__} config")
+
+    @classmethod
+    def preset_from_filename(cls, path: Path) -> str | None:
+        """The preset whose name the file name contains (longest match), e.g. `PixArt-Sigma-XL-2-2K-MS.pth`."""
+        stem = path.name.lower()
+        hits = [name for name in cls.presets if name.lower() in stem]
+        return max(hits, key=len) if hits else None
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, preset: str | None = None, ema: bool = False,
+                        dtype: torch.dtype | None = None, **config_overrides):
+        """Load a diffusers folder, an original checkpoint file, or one of our export folders.
+
+        For original files the architecture comes from `preset` (or the file name) plus `config_overrides`;
+        `ema=True` picks the EMA weights (`state_dict_ema` / `ema`). Mismatched tensors raise `CheckpointError`.
+        """
+        path = Path(path)
+        if path.is_dir():
+            folder = component_folder(path, "transformer")
+            config_file = folder / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
+            raw = json.loads(config_file.read_text())
+            if raw.get("_class_name") == cls.__name__:
+                return cls._load_native(folder, raw, dtype, config_overrides)
+            if raw.get("_class_name") in cls.diffusers_class_names:
+                config = cls.config_from_diffusers(raw, **config_overrides)
+                state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
+                return cls._instantiate(config, state, str(folder), dtype)
+            raise ConfigError(f"{config_file}: _class_name {raw.get('_class_name')!r} is not one of "
+                              f"{(cls.__name__,) + cls.diffusers_class_names}")
+        preset = preset or cls.preset_from_filename(path)
+        if preset is None and not config_overrides:
+            raise ConfigError(f"{path}: original checkpoints carry no architecture; pass preset= one of "
+                              f"{sorted(cls.presets)} or explicit config keys")
+        config = cls.make_config(preset, **config_overrides)
+        key = ("state_dict_ema" if path.suffix == ".pth" else "ema") if ema else None
+        return cls._instantiate(config, read_state_dict(path, key=key), str(path), dtype, original=True)
+
+    @classmethod
+    def _load_native(cls, folder: Path, raw: dict[str, Any], dtype, overrides):
+        config = from_dict(cls.config_class, {**{k: v for k, v in raw.items() if not k.startswith("_")},
+                                              **overrides}, where=str(folder / "config.json"))
+        graft_file = folder / GRAFT_FILE
+        graft = None
+        if graft_file.is_file():
+            from models.graft import GraftSpec  # graft surgery is generic; imported only when needed
+
+            graft = GraftSpec.from_yaml(graft_file)
+        state = read_state_dict(folder / NATIVE_WEIGHTS)
+        return cls._instantiate(config, state, str(folder), dtype, graft=graft)
+
+    @classmethod
+    def _instantiate(cls, config, state: StateDict, source: str, dtype, original: bool = False, graft=None):
+        with torch.device("meta"):
+            model = cls(config)
+        if graft is not None:
+            with torch.device("meta"):
+                graft.apply(model)
+        if original:
+            extras = {k: state.pop(k) for k in cls.original_extras if k in state}
+            model.check_original_extras(extras, source)
+        load_strict(model, state, source, assign=True)
+        return model.to(dtype or torch.float32).eval()
+
+    # ---- saving ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Our export folder: `config.json`, `model.safetensors` (original key layout), `graft.yaml` if grafted."""
+        folder = Path(folder)
+        save_json({"_class_name": type(self).__name__, **to_dict(self.config)}, folder / "config.json")
+        save_safetensors(self.state_dict(), folder / NATIVE_WEIGHTS)
+        if self.graft is not None:
+            self.graft.save_yaml(folder / GRAFT_FILE)
+        return folder
+
+    def save_diffusers(self, folder: str | Path) -> Path:
+        """A diffusers model folder (`config.json` + `diffusion_pytorch_model.safetensors`)."""
+        if self.graft is not None:
+            raise ValueError("a grafted model has no diffusers equivalent; use save_pretrained()")
+        folder = Path(folder)
+        state = self.key_map(self.config).to_diffusers(self.state_dict())
+        save_safetensors(state, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        save_json(self.diffusers_config(self.config), folder / "config.json")
+        return folder
+
+    def save_original(self, path: str | Path) -> Path:
+        """An original-repo checkpoint file (tensors only, loadable with `weights_only=True`)."""
+        if self.graft is not None:
+            raise ValueError("a grafted model has no original-repo equivalent; use save_pretrained()")
+        path = Path(path)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        state.update(self.original_extra_tensors())
+        save_torch(self.wrap_original(state), path)
+        return path
+
+    @staticmethod
+    def wrap_original(state: StateDict) -> dict:
+        """How the original repo stores a state dict in its files (default: raw)."""
+        return state

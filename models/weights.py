@@ -1,0 +1,187 @@
+"""Reading, checking, converting and atomically writing state dicts. Untrusted files are never unpickled."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: the message lists the offending tensors."""
+
+
+def read_state_dict(path: str | os.PathLike, key: str | None = None) -> StateDict:
+    """Tensors from a `.safetensors` file or a torch pickle loaded with `weights_only=True`.
+
+    `key` selects a nested state dict (e.g. `state_dict`, `state_dict_ema`, `ema`); without it a raw state dict
+    is expected, or one of the usual wrappers is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({err}). It holds "
+                              "Python objects beyond tensors; it is not unpickled for safety. Re-save its "
+                              "state dict (torch.save(ckpt['state_dict'], ...)) or as safetensors.") from None
+    return _unwrap(obj, key, path)
+
+
+def _unwrap(obj, key: str | None, path: Path) -> StateDict:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    if key is not None:
+        if key not in obj:
+            raise CheckpointError(f"{path}: no {key!r} entry; top-level keys: {sorted(obj)[:20]}")
+        obj = obj[key]
+    else:
+        for wrapper in ("state_dict", "ema", "model"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: no tensors found (keys: {sorted(obj)[:20]})")
+    return tensors
+
+
+def read_diffusers_weights(folder: Path) -> StateDict:
+    """The transformer weights of a diffusers model folder: single or sharded safetensors, or a legacy `.bin`."""
+    single = folder / "diffusion_pytorch_model.safetensors"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    legacy = folder / "diffusion_pytorch_model.bin"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: StateDict = {}
+        for shard in shards:
+            state.update(load_file(str(folder / shard)))
+        return state
+    if legacy.is_file():
+        return read_state_dict(legacy)
+    raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors (single, sharded) or .bin")
+
+
+def check_state_dict(expected: dict[str, torch.Size], given: StateDict, source: str) -> None:
+    """Raise one error naming every missing, unexpected and wrong-shape tensor."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = [f"{source} does not match the model"]
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = "\n    ".join(items[:25]) + (f"\n    ... {len(items) - 25} more" if len(items) > 25 else "")
+                parts.append(f"  {name} ({len(items)}):\n    {shown}")
+        raise CheckpointError("\n".join(parts))
+
+
+def load_strict(module: nn.Module, state: StateDict, source: str, assign: bool = False) -> None:
+    """Load `state` into `module` after checking names and shapes (errors name the tensors)."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    check_state_dict(expected, state, source)
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One original tensor ↔ one or more diffusers tensors: `split` along dim 0, or `replicate` identical copies."""
+
+    original: str
+    diffusers: tuple[str, ...]
+    mode: str = "split"
+
+
+class KeyMap:
+    """A bidirectional, exhaustive name map between an original-layout and a diffusers-layout state dict."""
+
+    def __init__(self, rules: Iterable[KeyRule], ignored_original: Iterable[str] = (),
+                 ignored_diffusers: Iterable[str] = ()):
+        self.rules = list(rules)
+        self.ignored_original = set(ignored_original)
+        self.ignored_diffusers = set(ignored_diffusers)
+
+    def to_diffusers(self, state: StateDict, source: str = "state dict") -> StateDict:
+        self._check_complete(state, {r.original for r in self.rules}, self.ignored_original, source)
+        out: StateDict = {}
+        for rule in self.rules:
+            tensor = state[rule.original]
+            if rule.mode == "split":
+                parts = tensor.chunk(len(rule.diffusers), dim=0) if len(rule.diffusers) > 1 else (tensor,)
+            else:
+                parts = (tensor,) * len(rule.diffusers)
+            out.update({name: part.clone() for name, part in zip(rule.diffusers, parts)})
+        return out
+
+    def to_original(self, state: StateDict, source: str = "state dict") -> StateDict:
+        names = {n for r in self.rules for n in r.diffusers}
+        self._check_complete(state, names, self.ignored_diffusers, source)
+        out: StateDict = {}
+        for rule in self.rules:
+            parts = [state[n] for n in rule.diffusers]
+            if rule.mode == "split":
+                out[rule.original] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            else:
+                differing = [n for n, p in zip(rule.diffusers, parts) if not torch.equal(p, parts[0])]
+                if differing:
+                    raise CheckpointError(f"{source}: copies of {rule.original} differ ({differing[:3]}...); "
+                                          "this model shares one embedder across blocks")
+                out[rule.original] = parts[0]
+        return out
+
+    @staticmethod
+    def _check_complete(state: StateDict, names: set[str], ignored: set[str], source: str) -> None:
+        missing = sorted(names - set(state))
+        unexpected = sorted(set(state) - names - ignored)
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: cannot convert; missing {missing[:25]} ({len(missing)}), "
+                                  f"unexpected {unexpected[:25]} ({len(unexpected)})")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run `write(tmp_path)` then rename onto `path`: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(state: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write contiguous tensors as safetensors."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """Atomically `torch.save` a tensors-only object (readable with `weights_only=True`)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    """Atomically write pretty JSON."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
