@@ -3,6 +3,10 @@
     python -m eval.sample pixart --pipeline PIXART_SIGMA_FOLDER --prompt "a red apple" --out runs/samples
     python -m eval.sample pixart --tiny --out runs/demo          # tiny random models, CPU, seconds
     python -m eval.sample dit --ckpt DiT-XL-2-256x256.pt --vae SD_VAE_FOLDER --classes 207 360 --out runs/dit
+    python -m eval.sample dit --graft 50p_hyena_y.yaml --ckpt model.pt --vae SD_VAE_FOLDER --cfg 4.0 --out runs/g
+
+`--graft` takes our graft spec or one of the paper's sampling YAMLs (its dit_model_name and image_size then set
+the architecture); `--arch key=value ...` overrides the architecture (and the operators' width follows it).
 """
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from data.prompts import read_prompts
 from models.dit import DiT
+from models.graft import GraftSpec
 from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import TextToImage, image_grid, sample_dit, save_png, seeded_noise, to_uint8
 from models.tiny import words_of, write_tiny_pipeline
@@ -53,10 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     px.add_argument("--negative-prompt", default="")
 
     dit = sub.add_parser("dit", parents=[common], help="class-conditional ImageNet sampling with DiT")
-    dit.add_argument("--ckpt", type=Path, required=True, help="DiT-XL-2-*.pt, diffusers folder or export folder")
+    dit.add_argument("--ckpt", type=Path, required=True,
+                     help="DiT-XL-2-*.pt, a released grafted model.pt (with --graft), diffusers or export folder")
     dit.add_argument("--preset", help="architecture preset for an original .pt (default: from the file name)")
+    dit.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
+    dit.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE", help="architecture overrides")
     dit.add_argument("--vae", type=Path, required=True, help="sd-vae-ft-ema / ft-mse folder")
-    dit.add_argument("--classes", type=int, nargs="+", required=True, help="ImageNet class ids")
+    dit.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
+                     help="ImageNet class ids (default: the DiT paper's sample classes)")
     dit.add_argument("--steps", type=int, default=250)
     dit.add_argument("--cfg", type=float, default=4.0, help="4.0 for visuals, 1.5 for FID")
     dit.add_argument("--guide-all-channels", action="store_true",
@@ -86,7 +96,7 @@ def run_pixart(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
 
 def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, writer: SampleWriter) -> None:
-    model = DiT.from_pretrained(args.ckpt, preset=args.preset, dtype=dtype).to(device)
+    model = load_dit(args.ckpt, args.preset, args.graft, parse_overrides(args.arch), dtype).to(device)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     for start in tqdm(range(0, len(args.classes), args.batch_size), desc="batches"):
@@ -98,6 +108,31 @@ def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
                              None if args.guide_all_channels else 3, generator)
         meta = [{"class": c, "seed": s} for c, s in zip(labels, seeds)]
         writer.add(to_uint8(vae.decode(latents)), meta)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings → a dict, values parsed as YAML scalars (`depth=4` → 4)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--arch expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def load_dit(ckpt: Path, preset: str | None, graft_file: Path | None, arch: dict, dtype: torch.dtype) -> DiT:
+    """A (grafted) DiT; the paper's sampling YAML supplies the architecture when no preset is given."""
+    graft = None
+    if graft_file is not None:
+        graft = GraftSpec.from_yaml(graft_file)
+        sample = (yaml.safe_load(graft_file.read_text()) or {}).get("sample_config") or {}
+        if preset is None and "dit_model_name" in sample:
+            preset = sample["dit_model_name"]
+            arch = {"input_size": int(sample.get("image_size", 256)) // 8, **arch}
+        if "hidden_size" in arch:
+            graft = graft.with_width(arch["hidden_size"])
+    return DiT.from_pretrained(ckpt, preset=preset, dtype=dtype, graft=graft, **arch)
 
 
 class SampleWriter:

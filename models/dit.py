@@ -43,6 +43,11 @@ class DiTConfig:
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens at the trained resolution."""
+        return (self.input_size // self.patch_size) ** 2
+
 
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DIT_PRESETS: dict[str, dict[str, Any]] = {

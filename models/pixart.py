@@ -45,6 +45,11 @@ class PixArtConfig:
     def base_size(self) -> int:
         return self.sample_size // self.patch_size
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens at the trained resolution."""
+        return self.base_size**2
+
 
 _XL2 = dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2, in_channels=4, out_channels=8)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.config import ConfigError, from_dict, to_dict
+from models.graft import GraftSpec
 from models.weights import (KeyMap, StateDict, load_strict, read_diffusers_weights, read_state_dict,
                             save_json, save_safetensors, save_torch)
 
@@ -77,13 +78,18 @@ class PretrainedModel(nn.Module):
     # ---- loading ---------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, preset: str | None = None, ema: bool = False,
-                        dtype: torch.dtype | None = None, **config_overrides):
+                        dtype: torch.dtype | None = None, graft: GraftSpec | str | Path | None = None,
+                        **config_overrides):
         """Load a diffusers folder, an original checkpoint file, or one of our export folders.
 
         For original files the architecture comes from `preset` (or the file name) plus `config_overrides`;
-        `ema=True` picks the EMA weights (`state_dict_ema` / `ema`). Mismatched tensors raise `CheckpointError`.
+        `ema=True` picks the EMA weights (`state_dict_ema` / `ema`). `graft` (a GraftSpec or its YAML path) says
+        the checkpoint holds a grafted model, e.g. a released grafted DiT `model.pt`; export folders carry their
+        own `graft.yaml`. Mismatched tensors raise `CheckpointError`.
         """
         path = Path(path)
+        if graft is not None and not isinstance(graft, GraftSpec):
+            graft = GraftSpec.from_yaml(graft)
         if path.is_dir():
             folder = component_folder(path, "transformer")
             config_file = folder / "config.json"
@@ -91,7 +97,7 @@ class PretrainedModel(nn.Module):
                 raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
             raw = json.loads(config_file.read_text())
             if raw.get("_class_name") == cls.__name__:
-                return cls._load_native(folder, raw, dtype, config_overrides)
+                return cls._load_native(folder, raw, dtype, config_overrides, graft)
             if raw.get("_class_name") in cls.diffusers_class_names:
                 config = cls.config_from_diffusers(raw, **config_overrides)
                 state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
@@ -104,23 +110,22 @@ class PretrainedModel(nn.Module):
                               f"{sorted(cls.presets)} or explicit config keys")
         config = cls.make_config(preset, **config_overrides)
         key = ("state_dict_ema" if path.suffix == ".pth" else "ema") if ema else None
-        return cls._instantiate(config, read_state_dict(path, key=key), str(path), dtype, original=True)
+        return cls._instantiate(config, read_state_dict(path, key=key), str(path), dtype, original=True,
+                                graft=graft)
 
     @classmethod
-    def _load_native(cls, folder: Path, raw: dict[str, Any], dtype, overrides):
+    def _load_native(cls, folder: Path, raw: dict[str, Any], dtype, overrides, graft):
         config = from_dict(cls.config_class, {**{k: v for k, v in raw.items() if not k.startswith("_")},
                                               **overrides}, where=str(folder / "config.json"))
         graft_file = folder / GRAFT_FILE
-        graft = None
-        if graft_file.is_file():
-            from models.graft import GraftSpec  # graft surgery is generic; imported only when needed
-
+        if graft is None and graft_file.is_file():
             graft = GraftSpec.from_yaml(graft_file)
         state = read_state_dict(folder / NATIVE_WEIGHTS)
         return cls._instantiate(config, state, str(folder), dtype, graft=graft)
 
     @classmethod
-    def _instantiate(cls, config, state: StateDict, source: str, dtype, original: bool = False, graft=None):
+    def _instantiate(cls, config, state: StateDict, source: str, dtype, original: bool = False,
+                     graft: GraftSpec | None = None):
         with torch.device("meta"):
             model = cls(config)
         if graft is not None:

@@ -50,15 +50,19 @@ def operator_info(name: str) -> OperatorInfo:
         raise ValueError(f"unknown operator {name!r}; known operators: {sorted(OPERATORS)}") from None
 
 
-def build(name: str, **config) -> nn.Module:
-    """Build operator `name` from its YAML config; unknown keys are an error that names them."""
-    factory = operator_info(name).factory()
-    params = inspect.signature(factory).parameters
+def check_config(name: str, config: dict, partial: bool = False) -> None:
+    """Unknown keys (and, unless `partial`, missing required ones) are an error that names them."""
+    params = inspect.signature(operator_info(name).factory()).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(config) - set(params))
         if unknown:
             raise ValueError(f"operator {name!r}: unknown config keys {unknown}; accepted: {sorted(params)}")
     missing = [key for key, p in params.items() if p.default is inspect.Parameter.empty and key not in config]
-    if missing:
+    if missing and not partial:
         raise ValueError(f"operator {name!r}: missing required config keys {missing}")
-    return factory(**config)
+
+
+def build(name: str, **config) -> nn.Module:
+    """Build operator `name` from its YAML config (the paper's keys, unchanged)."""
+    check_config(name, config)
+    return operator_info(name).factory()(**config)

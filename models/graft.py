@@ -1,0 +1,269 @@
+"""Graft surgery: which operator replaces what, in which blocks, applied in place to PixArt-Sigma or DiT.
+
+A graft spec is YAML. Ours (what export folders carry, written with every value resolved):
+
+    grafts:
+      - type: mha                 # mha = self-attention (never PixArt's cross-attention); mlp = the MLP
+        name: hyena_x             # an operator of models.operators
+        config: {d_model: 1152, l_max: 1000000, ...}   # or config_filepath: path/to/hyena_x.yaml
+        layers: {ratio: 0.5, pattern: interleaved}    # or {indexes: [1, 3, 5]}, {every: 4, offset: 3},
+                                                      # {ratio: 0.25, pattern: first|last}
+
+The paper's sampling YAMLs (`operator: {type, name, config_filepath}` + `sample_config: {graft_indexes, ...}`)
+are read unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from models.config import ConfigError
+from models.operators import build, check_config, operator_info
+from models.weights import atomic_write, load_strict, read_state_dict
+
+TARGETS = {"mha": "attn", "mlp": "mlp"}  # graft type → block attribute it replaces
+PATTERNS = ("interleaved", "first", "last")
+
+
+@dataclass
+class LayerSelection:
+    """Blocks to graft: explicit `indexes`, `every` k-th block from `offset`, or a `ratio` with a `pattern`.
+
+    `interleaved` spreads the chosen blocks evenly and ends at the last block: 50% of 28 is the paper's odd
+    blocks 1, 3, …, 27; 75% is every block but 0, 4, 8, ….
+    """
+
+    indexes: list[int] | None = None
+    ratio: float | None = None
+    pattern: str = "interleaved"
+    every: int | None = None
+    offset: int = 0
+
+    def resolve(self, depth: int, where: str = "layers") -> list[int]:
+        chosen = [self.indexes is not None, self.ratio is not None, self.every is not None]
+        if sum(chosen) != 1:
+            raise ConfigError(f"{where}: give exactly one of indexes, ratio or every")
+        if self.indexes is not None:
+            bad = [i for i in self.indexes if not 0 <= i < depth]
+            if bad:
+                raise ConfigError(f"{where}: block indexes {bad} are outside 0..{depth - 1} (model depth {depth})")
+            if len(set(self.indexes)) != len(self.indexes):
+                raise ConfigError(f"{where}: repeated block indexes in {self.indexes}")
+            return sorted(self.indexes)
+        if self.every is not None:
+            if self.every < 1 or not 0 <= self.offset < self.every:
+                raise ConfigError(f"{where}: need every >= 1 and 0 <= offset < every")
+            return list(range(self.offset, depth, self.every))
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"{where}: ratio must be in (0, 1], got {self.ratio}")
+        if self.pattern not in PATTERNS:
+            raise ConfigError(f"{where}: unknown pattern {self.pattern!r}; choose one of {PATTERNS}")
+        n = round(self.ratio * depth)
+        if self.pattern == "first":
+            return list(range(n))
+        if self.pattern == "last":
+            return list(range(depth - n, depth))
+        return [i for i in range(depth) if math.floor((i + 1) * n / depth) > math.floor(i * n / depth)]
+
+
+@dataclass
+class Graft:
+    """One operator swap: replace `type` (mha / mlp) in the selected blocks by operator `name` with `config`."""
+
+    type: str
+    name: str
+    config: dict[str, Any]
+    layers: LayerSelection
+    weights: dict[int, str] = field(default_factory=dict)  # optional per-block operator checkpoints (paper layout)
+
+    def validate(self, where: str) -> None:
+        if self.type not in TARGETS:
+            raise ConfigError(f"{where}: type must be one of {sorted(TARGETS)}, got {self.type!r}")
+        try:
+            info = operator_info(self.name)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if info.replaces != self.type:
+            raise ConfigError(f"{where}: operator {self.name!r} replaces {info.replaces!r}, not {self.type!r}")
+
+
+@dataclass
+class GraftSpec:
+    """A list of grafts; resolved against a model's depth and width when applied."""
+
+    grafts: list[Graft]
+
+    # ---- reading / writing -----------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> GraftSpec:
+        """Our spec format or a paper sampling YAML; operator `config_filepath`s are resolved near the file."""
+        path = Path(path)
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a YAML mapping")
+        return cls.from_dict(data, where=str(path), base=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "graft spec", base: Path | None = None) -> GraftSpec:
+        if "operator" in data:  # the paper's sampling YAML
+            data = _from_paper_yaml(data, where)
+        unknown = sorted(set(data) - {"grafts"})
+        if unknown or not isinstance(data.get("grafts"), list) or not data["grafts"]:
+            raise ConfigError(f"{where}: expected a non-empty 'grafts' list" +
+                              (f"; unknown keys {unknown}" if unknown else ""))
+        grafts = [_graft_from_dict(entry, f"{where}: grafts[{i}]", base) for i, entry in enumerate(data["grafts"])]
+        return cls(grafts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grafts": [{"type": g.type, "name": g.name, "config": dict(g.config),
+                            "layers": _layers_dict(g.layers),
+                            **({"weights": {int(k): str(v) for k, v in g.weights.items()}} if g.weights else {})}
+                           for g in self.grafts]}
+
+    def save_yaml(self, path: str | Path) -> None:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    # ---- resolving against a model ---------------------------------------------------------------------------
+    def resolved(self, model: nn.Module) -> GraftSpec:
+        """A copy with explicit block indexes and the operators' width / length filled from the model."""
+        depth, width = len(model.blocks), model.config.hidden_size
+        taken: dict[tuple[str, int], int] = {}
+        grafts = []
+        for n, graft in enumerate(self.grafts):
+            where = f"grafts[{n}]"
+            graft.validate(where)
+            indexes = graft.layers.resolve(depth, f"{where}.layers")
+            for i in indexes:
+                if (graft.type, i) in taken:
+                    raise ConfigError(f"{where}: block {i} {graft.type} is already grafted by "
+                                      f"grafts[{taken[graft.type, i]}]")
+                taken[graft.type, i] = n
+            info = operator_info(graft.name)
+            config = dict(graft.config)
+            if config.setdefault(info.width_key, width) != width:
+                raise ConfigError(f"{where}: operator {graft.name!r} has {info.width_key}={config[info.width_key]} "
+                                  f"but the model's hidden size is {width}")
+            if info.length_key and info.length_key not in config:
+                config[info.length_key] = model.config.num_tokens if graft.type == "mlp" else 1_000_000
+            bad_weights = sorted(set(graft.weights) - set(indexes))
+            if bad_weights:
+                raise ConfigError(f"{where}: weights given for blocks {bad_weights} that are not grafted")
+            grafts.append(Graft(graft.type, graft.name, config, LayerSelection(indexes=indexes), dict(graft.weights)))
+        return GraftSpec(grafts)
+
+    def with_width(self, width: int) -> GraftSpec:
+        """A copy whose operators take `width` (for running a full-size spec on a smaller architecture)."""
+        spec = copy.deepcopy(self)
+        for graft in spec.grafts:
+            graft.config[operator_info(graft.name).width_key] = width
+        return spec
+
+    def targets(self, model: nn.Module) -> dict[str, Graft]:
+        """Module path of every replaced operator (e.g. `blocks.3.attn`) → the graft that replaces it."""
+        spec = self.resolved(model)
+        return {f"blocks.{i}.{TARGETS[g.type]}": g for g in spec.grafts for i in g.layers.indexes}
+
+    def build_operators(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Fresh replacement operators for every target, on the model's device and dtype (students for stage 1)."""
+        param = next(model.parameters())
+        operators = {}
+        for path, graft in self.targets(model).items():
+            operator = build(graft.name, **graft.config)
+            block = int(path.split(".")[1])
+            if block in graft.weights:
+                load_strict(operator, read_state_dict(graft.weights[block], key="model"), graft.weights[block])
+            operators[path] = operator.to(device=param.device, dtype=param.dtype)
+        return operators
+
+    def apply(self, model: nn.Module, operators: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+        """Swap the operators into `model` in place (fresh ones unless given); returns the replaced originals."""
+        spec = self.resolved(model)
+        operators = operators if operators is not None else spec.build_operators(model)
+        expected = set(spec.targets(model))
+        if set(operators) != expected:
+            raise ConfigError(f"operators given for {sorted(set(operators) ^ expected)} do not match the spec")
+        replaced = {}
+        for path, operator in operators.items():
+            _, index, attr = path.split(".")
+            block = model.blocks[int(index)]
+            replaced[path] = getattr(block, attr)
+            setattr(block, attr, operator)
+        model.graft = spec
+        return replaced
+
+
+def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    known = {"type", "name", "config", "config_filepath", "layers", "weights"}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = [k for k in ("type", "name", "layers") if k not in entry]
+    if missing:
+        raise ConfigError(f"{where}: missing keys {missing}")
+    if ("config" in entry) == ("config_filepath" in entry):
+        raise ConfigError(f"{where}: give exactly one of config or config_filepath")
+    config = entry.get("config")
+    if config is None:
+        config_path = find_config_file(entry["config_filepath"], base)
+        config = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: operator config must be a mapping")
+    layers = entry["layers"]
+    if not isinstance(layers, dict):
+        raise ConfigError(f"{where}.layers: expected a mapping")
+    unknown = sorted(set(layers) - {"indexes", "ratio", "pattern", "every", "offset"})
+    if unknown:
+        raise ConfigError(f"{where}.layers: unknown keys {unknown}")
+    graft = Graft(entry["type"], entry["name"], dict(config), LayerSelection(**layers),
+                  {int(k): str(v) for k, v in (entry.get("weights") or {}).items()})
+    graft.validate(where)
+    try:
+        check_config(graft.name, graft.config, partial=True)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return graft
+
+
+def _from_paper_yaml(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The paper's `operator` + `sample_config.graft_indexes` / `graft_weights` → our `grafts` list."""
+    operator = data["operator"]
+    sample = data.get("sample_config") or {}
+    indexes = sample.get("graft_indexes")
+    if not indexes:
+        raise ConfigError(f"{where}: sample_config.graft_indexes is empty")
+    return {"grafts": [{"type": operator.get("type"), "name": operator.get("name"),
+                        "config_filepath": operator.get("config_filepath"), "layers": {"indexes": list(indexes)},
+                        "weights": sample.get("graft_weights") or {}}]}
+
+
+def find_config_file(name: str, base: Path | None) -> Path:
+    """An operator YAML path as written in a spec: as given, next to the spec, or under one of its parents
+    (the paper's files say `configs/sequence_mixers/x.yaml` relative to its repository root)."""
+    candidate = Path(name)
+    if candidate.is_file():
+        return candidate
+    if base is not None and not candidate.is_absolute():
+        parts = candidate.parts
+        for folder in [base, *base.parents]:
+            for tail in (parts, parts[1:]):
+                if tail and (folder.joinpath(*tail)).is_file():
+                    return folder.joinpath(*tail)
+    raise ConfigError(f"operator config file {name!r} not found (looked as given and under {base} and its parents)")
+
+
+def _layers_dict(layers: LayerSelection) -> dict[str, Any]:
+    if layers.indexes is not None:
+        return {"indexes": list(layers.indexes)}
+    if layers.every is not None:
+        return {"every": layers.every, "offset": layers.offset}
+    return {"ratio": layers.ratio, "pattern": layers.pattern}
+
