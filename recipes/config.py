@@ -1,0 +1,195 @@
+"""The recipe schema: one typed config for a whole grafting run, loaded from YAML with `base:` inheritance and
+`--set a.b=c` overrides. The DeepSpeed config and the graft spec are derived from it, never kept separately."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.config import ConfigError, from_dict, to_dict
+
+
+@dataclass
+class ModelSection:
+    """The teacher: a pretrained checkpoint, or a random preset (tiny CPU recipes)."""
+
+    family: Literal["pixart", "dit"]
+    pretrained: str | None = None  # diffusers folder, original .pth/.pt, or export folder
+    preset: str | None = None
+    ema: bool = False  # take the EMA weights of an original checkpoint
+    arch: dict[str, Any] = field(default_factory=dict)  # architecture overrides
+    init_seed: int = 0  # random teacher (no `pretrained`)
+
+
+@dataclass
+class DataSection:
+    """Where batches come from: webdataset shards, or a deterministic synthetic stream (tests, benchmarks)."""
+
+    source: Literal["shards", "synthetic"] = "shards"
+    train: str | None = None  # shard pattern: folder, glob or brace list
+    val: str | None = None
+    batch_size: int = 8  # per rank, per micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    caption_tokens: int = 300  # text features are padded / cut to this length
+    caption_dropout: float = 0.0  # stage 2: replace captions by the null caption with this probability
+    null_caption: str | None = None  # safetensors with `embedding` (L, C) and `mask` (L,): T5("")
+    synthetic_samples: int = 512  # synthetic: samples per epoch (train); val uses a disjoint seed range
+    synthetic_val_samples: int = 64
+    latent_size: int | None = None  # synthetic: latent side (default: the model's trained size)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    grad_clip: float = 10.0
+
+
+@dataclass
+class Stage1Section:
+    """Activation distillation: every student regresses its teacher operator from the teacher's own inputs."""
+
+    steps: int = 1000
+    shards: str | None = None  # this stage's training shards (default: data.train)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
+    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2"})  # l1 / l2 / huber
+    huber_delta: float = 1.0
+    mode: Literal["data_parallel", "split"] = "data_parallel"  # split: students divided across ranks
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    checkpoint_every: int = 500
+
+
+@dataclass
+class LoraSection:
+    rank: int = 64
+    alpha: int = 64
+    dropout: float = 0.0
+    # regexes over module names (peft `target_modules`); grafted operators are trained in full, never adapted
+    target_modules: list[str] = field(default_factory=lambda: [
+        r".*blocks\.\d+\.attn\.(qkv|proj)", r".*blocks\.\d+\.cross_attn\.(q_linear|kv_linear|proj)",
+        r".*blocks\.\d+\.mlp\.(fc1|fc2)"])
+
+
+@dataclass
+class Stage2Section:
+    """Finetuning of the grafted model with its own diffusion objective, in full or with LoRA."""
+
+    steps: int = 1000
+    shards: str | None = None  # this stage's training shards (default: data.train)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mode: Literal["full", "lora"] = "full"
+    lora: LoraSection = field(default_factory=LoraSection)
+    ema_decay: float | None = 0.9999
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    gradient_accumulation: int = 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the derived DeepSpeed JSON
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSection
+    graft: dict[str, Any]  # a graft spec (models.graft), inline
+    output_dir: str = "runs/${name}"
+    seed: int = 0
+    keep_checkpoints: int = 3
+    data: DataSection = field(default_factory=DataSection)
+    stage1: Stage1Section = field(default_factory=Stage1Section)
+    stage2: Stage2Section = field(default_factory=Stage2Section)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir.replace("${name}", self.name))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe (following `base:` files), apply `a.b=value` overrides, and validate every key."""
+    path = Path(path)
+    data = _read_with_bases(path, seen=())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. stage2.optim.lr=5e-5")
+        _set_dotted(data, key, yaml.safe_load(value), where=f"override {item!r}")
+    recipe = from_dict(Recipe, data, where=str(path))
+    validate(recipe, str(path))
+    return recipe
+
+
+def validate(recipe: Recipe, where: str) -> None:
+    """Cross-field checks a type system cannot express."""
+    from models.graft import GraftSpec
+
+    GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
+    if recipe.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{where}: deepspeed.zero_stage must be 0..3")
+    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in ("mha", "mlp") or v not in
+                  ("l1", "l2", "huber")}
+    if bad_losses:
+        raise ConfigError(f"{where}: stage1.loss {bad_losses}: keys mha/mlp, values l1/l2/huber")
+    for stage in ("stage1", "stage2"):
+        if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
+            raise ConfigError(f"{where}: {stage}.shards or data.train (a shard pattern) is required for "
+                              "data.source=shards")
+    if recipe.data.caption_dropout > 0 and recipe.model.family == "pixart" and not recipe.data.null_caption:
+        raise ConfigError(f"{where}: data.caption_dropout needs data.null_caption (T5 features of the empty "
+                          "prompt; `python -m recipes.null_caption` writes them)")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (written next to every run)."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular base: chain {[str(p) for p in seen]}")
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return deep_merge(_read_with_bases(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, recursing into mappings; lists and scalars are replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+    node[parts[-1]] = value

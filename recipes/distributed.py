@@ -1,0 +1,95 @@
+"""Process-group set-up that works under torchrun, the deepspeed launcher, Slurm's srun, or a plain `python`,
+and the DeepSpeed config derived from a recipe."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from recipes.config import Recipe, deep_merge
+
+
+def prepare_environment() -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from Slurm or single-process defaults; pick DeepSpeed's
+    CPU accelerator when there is no GPU. Must run before `import deepspeed`."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with torchrun, deepspeed, "
+                               "or set MASTER_ADDR/MASTER_PORT (the slurm/ scripts do)")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def free_port() -> int:
+    """An unused TCP port on this host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group() -> tuple[int, int]:
+    """(rank, world size) after initialising torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU)."""
+    prepare_environment()
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+
+
+def use_bf16(recipe: Recipe) -> bool:
+    precision = recipe.deepspeed.precision
+    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(recipe: Recipe, optim, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for one stage, derived from the recipe, then `deepspeed.overrides` merged in."""
+    ds = recipe.deepspeed
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation,
+        "train_batch_size": recipe.data.batch_size * ds.gradient_accumulation * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
+                              "reduce_scatter": True},
+        "bf16": {"enabled": use_bf16(recipe)},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "weight_decay": optim.weight_decay, "eps": 1e-8,
+            "torch_adam": not torch.cuda.is_available()}},  # on CPU: no JIT-compiled cpu_adam
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, ds.overrides)
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True only if `flag` holds on every rank (used to stop every rank together)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

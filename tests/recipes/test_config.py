@@ -1,0 +1,110 @@
+"""Recipe loading: inheritance, overrides, validation with the key and file named; every shipped recipe loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import ConfigError
+from models.graft import GraftSpec
+from recipes.config import load_recipe
+from recipes.distributed import deepspeed_config
+from recipes.engine import lr_factor
+from tests.conftest import REPO
+
+SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem if path.parent.name == "recipes" else recipe.name.endswith(path.stem)
+
+
+def test_dit_family_covers_the_papers_table():
+    names = {p.stem for p in (REPO / "recipes" / "dit_xl2").glob("*.yaml")} - {"_base"}
+    for op in ("hyena_se", "hyena_x", "hyena_y", "swa", "mamba2"):
+        assert {f"mha_{op}_50", f"mha_{op}_75"} <= names
+    assert {"mlp_r3_50", "mlp_r3_75", "mlp_r3_100", "mlp_r6_50", "mlp_r6_75", "mlp_hyena_x_50",
+            "mlp_hyena_x_75", "mha_self_100", "mlp_self_r4_100"} <= names
+
+
+def test_headline_recipe_grafts_14_odd_self_attention_layers():
+    from models.pixart import PixArtSigma
+
+    recipe = load_recipe(REPO / "recipes" / "pixart_sigma_2k_hyena_x_50.yaml")
+    with torch.device("meta"):
+        model = PixArtSigma(PixArtSigma.make_config("PixArt-Sigma-XL-2-2K-MS"))
+    targets = GraftSpec.from_dict(recipe.graft).targets(model)
+    assert sorted(targets, key=lambda p: int(p.split(".")[1])) == [f"blocks.{i}.attn" for i in range(1, 28, 2)]
+    assert recipe.stage2.mode == "lora" and recipe.stage2.lora.rank == 64 and recipe.deepspeed.zero_stage == 2
+
+
+def write(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: base
+model: {family: dit, preset: tiny}
+graft: {grafts: [{type: mha, name: hyena_y, config: {}, layers: {ratio: 0.5}}]}
+data: {source: synthetic, batch_size: 2}
+stage2: {optim: {lr: 1.0e-4}}
+"""
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", BASE)
+    child = write(tmp_path, "child.yaml", "base: base.yaml\nname: child\nstage2: {steps: 7}\n")
+    recipe = load_recipe(child, ["stage2.optim.lr=5e-5", "deepspeed.zero_stage=3"])
+    assert (recipe.name, recipe.stage2.steps, recipe.stage2.optim.lr) == ("child", 7, 5e-5)
+    assert recipe.model.preset == "tiny" and recipe.deepspeed.zero_stage == 3
+    ds = deepspeed_config(recipe, recipe.stage2.optim, world_size=2)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 4
+    assert ds["optimizer"]["params"]["lr"] == 5e-5
+
+
+def test_deepspeed_overrides_merge_into_the_derived_config(tmp_path):
+    path = write(tmp_path, "r.yaml", BASE + "deepspeed: {overrides: {zero_optimization: {overlap_comm: true}}}\n")
+    recipe = load_recipe(path)
+    ds = deepspeed_config(recipe, recipe.stage1.optim, world_size=1)
+    assert ds["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "overlap_comm": True,
+                                       "reduce_scatter": True}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("stage2: {optimm: {}}\n", r"\.stage2: unknown key\(s\) \['optimm'\]"),
+    ("deepspeed: {zero_stage: 5}\n", "zero_stage must be 0..3"),
+    ("stage1: {loss: {mha: l3}}\n", "stage1.loss"),
+    ("data: {source: shards}\n", "data.train"),
+])
+def test_bad_recipes_name_the_key_and_file(tmp_path, extra, message):
+    path = write(tmp_path, "bad.yaml", BASE + extra)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_recipe(path)
+    assert "bad.yaml" in str(err.value)
+
+
+def test_bad_override_is_named(tmp_path):
+    path = write(tmp_path, "r.yaml", BASE)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lrr'\]"):
+        load_recipe(path, ["stage2.optim.lrr=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_recipe(path, ["stage2.optim.lr"])
+
+
+def test_bad_graft_in_a_recipe_is_named(tmp_path):
+    path = write(tmp_path, "r.yaml", BASE.replace("hyena_y", "hyena_q"))
+    with pytest.raises(ConfigError, match="unknown operator 'hyena_q'"):
+        load_recipe(path)
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path):
+    recipe = load_recipe(write(tmp_path, "r.yaml", BASE + "stage1: {optim: {lr: 1.0, warmup_steps: 4, "
+                                                         "schedule: cosine, min_lr: 0.1}}\n"))
+    factor = lr_factor(recipe.stage1.optim, total_steps=104)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(54) == pytest.approx(0.55) and factor(104) == pytest.approx(0.1)
