@@ -14,7 +14,8 @@ def pick_device(name: str = "auto") -> torch.device:
     """`auto` → this rank's CUDA device when there is one, else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+            return torch.device("cuda", int(local) % torch.cuda.device_count())
         return torch.device("cpu")
     return torch.device(name)
 

@@ -24,9 +24,9 @@ SELF_GRAFT = "graft.grafts=[{type: mha, name: mha, config: {num_heads: 4, qkv_bi
 pytestmark = pytest.mark.slow
 
 
-def command(out: Path, sets: list[str], extra: list[str] = (), nproc: int = 2) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), "-m", "recipes.train", str(TINY), "--set", f"output_dir={out}"]
+def command(out: Path, sets: list[str], extra: list[str] = (), recipe: Path = TINY) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "-m", "recipes.train", str(recipe), "--set", f"output_dir={out}"]
     for item in sets:
         cmd += ["--set", item]
     return cmd + list(extra)
@@ -36,8 +36,9 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def train(out: Path, sets: list[str], extra: list[str] = (), check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(out, sets, extra), capture_output=True, text=True, timeout=900, cwd=REPO,
+def train(out: Path, sets: list[str], extra: list[str] = (), check: bool = True, recipe: Path = TINY
+          ) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(out, sets, extra, recipe), capture_output=True, text=True, timeout=900, cwd=REPO,
                             env=environment())
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -81,6 +82,22 @@ def test_end_to_end_graft_under_zero(tmp_path, tiny_pipeline, zero, stage1_mode)
     assert not any("lora" in k for k in model.state_dict())
     out = model(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 16, 32), torch.ones(1, 16))
     assert out.shape == (1, 8, 8, 8) and torch.isfinite(out).all()
+
+
+def test_dit_recipe_full_finetuning_with_ema(tmp_path):
+    """The DiT flavour: class labels, full finetuning, EMA weights in the export."""
+    from models.dit import DiT
+    from models.operators.hyena import HyenaY
+
+    train(tmp_path, ["stage1.steps=30", "stage2.steps=30", "stage2.log_every=5"],
+          recipe=REPO / "recipes" / "tiny_dit_hyena_y.yaml")
+    model = DiT.from_pretrained(tmp_path / "export")
+    assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
+    last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
+                      weights_only=True)["stage"]["ema"]
+    assert torch.equal(model.state_dict()["blocks.1.attn.in_proj.weight"], last["blocks.1.attn.in_proj.weight"])
+    stage2 = losses(tmp_path / "stage2" / "metrics.jsonl")
+    assert stage2[-1] < stage2[0]
 
 
 def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
