@@ -16,8 +16,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# The main job on the embedded default: graft a tiny PixArt-Sigma (stage 1 → stage 2 → export) on 2 CPU
+# processes, then sample from the grafted export.
 demo: $(STAMP)
-	$(PY) -m eval.sample pixart --tiny --out $(OUT)
+	$(VENV)/bin/torchrun --nproc_per_node 2 -m recipes.train recipes/tiny_pixart_hyena_x.yaml --set output_dir=$(OUT)
+	$(PY) -m eval.sample pixart --tiny --transformer $(OUT)/export --out $(OUT)/samples
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

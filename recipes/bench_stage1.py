@@ -8,6 +8,7 @@ learns from one shared teacher forward. This prints both times and the ratio, me
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -24,7 +25,7 @@ from recipes.stage1 import ActivationTap, StudentBank, student_losses, teacher_r
 
 def time_distillation(teacher: PixArtSigma, spec: GraftSpec, paths: list[str], batches: list[dict],
                       warmup: int) -> float:
-    """Seconds per step (after warm-up) to distil the students at `paths` from shared teacher forwards."""
+    """Median seconds per step (after warm-up) to distil the students at `paths` from shared teacher forwards."""
     grafts = spec.targets(teacher)
     torch.manual_seed(0)
     students = {p: op for p, op in spec.build_operators(teacher).items() if p in paths}
@@ -32,18 +33,18 @@ def time_distillation(teacher: PixArtSigma, spec: GraftSpec, paths: list[str], b
     tap = ActivationTap(teacher, paths)
     losses = {p: "l1" for p in paths}
     diffusion = GaussianDiffusion()
-    started = 0.0
+    times = []
     for step, batch in enumerate(batches):
-        if step == warmup:
-            started = time.perf_counter()
+        started = time.perf_counter()
         records = teacher_records(teacher, tap, diffusion, batch, torch.Generator().manual_seed(step),
                                   torch.device("cpu"), torch.float32)
         per_layer, _ = student_losses(engine, records, losses, 1.0)
         engine.backward(torch.stack(list(per_layer.values())).sum())
         engine.step()
+        times.append(time.perf_counter() - started)
     for handle in tap.handles:
         handle.remove()
-    return (time.perf_counter() - started) / (len(batches) - warmup)
+    return statistics.median(times[warmup:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     n = len(paths)
     tokens = c.base_size**2
     print(f"\nStage-1 step time, {args.preset} (depth {args.depth}, width {c.hidden_size}, {tokens} tokens), "
-          f"batch {args.batch_size}, {args.operator} students, CPU fp32, {args.steps - args.warmup} timed steps\n")
+          f"batch {args.batch_size}, {args.operator} students, CPU fp32, "
+          f"median of {args.steps - args.warmup} timed steps\n")
     print(markdown_table(
         ["students", "s / step", "× one-student step", f"{n} separate one-student jobs (s / step)",
          "speed-up of one shared forward"],

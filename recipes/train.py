@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> Path | None:
     from recipes.stage1 import best_dir, run_stage1  # imported after the process group: DeepSpeed set-up
     from recipes.stage2 import run_stage2
 
-    students = args.students
     if args.stage in ("1", "all"):
         marker = out / "stage1" / DONE
         if args.resume == "auto" and marker.is_file():
@@ -60,9 +59,8 @@ def main(argv: list[str] | None = None) -> Path | None:
             if rank == 0:
                 marker.write_text("done\n")
             barrier()
-        students = students or best_dir(recipe)
     if args.stage in ("2", "all"):
-        return run_stage2(recipe, rank, world_size, args.resume, students or best_dir(recipe))
+        return run_stage2(recipe, rank, world_size, args.resume, args.students or best_dir(recipe))
     return None
 
 
