@@ -34,8 +34,8 @@ class LatentVAE:
         return self.vae.device
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, sample: bool = True,
+               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] → scaled latents (a posterior sample, or its mean)."""
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         latents = dist.sample(generator) if sample else dist.mode()
