@@ -103,9 +103,8 @@ def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
         labels = args.classes[start:start + args.batch_size]
         seeds = [args.seed + start + i for i in range(len(labels))]
         noise = seeded_noise(seeds, shape, device=device)
-        generator = torch.Generator(device).manual_seed(args.seed + start)
         latents = sample_dit(model, noise, torch.tensor(labels, device=device), args.steps, args.cfg,
-                             None if args.guide_all_channels else 3, generator)
+                             None if args.guide_all_channels else 3, seeds=seeds)
         meta = [{"class": c, "seed": s} for c, s in zip(labels, seeds)]
         writer.add(to_uint8(vae.decode(latents)), meta)
 

@@ -19,6 +19,8 @@ from models.pixart import PixArtSigma
 from models.text_encoder import T5TextEncoder
 from models.vae import LatentVAE
 
+STEP_SEED_OFFSET = 1 << 32  # step-noise generators are seeded apart from the initial noise of the same seed
+
 
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -56,12 +58,21 @@ def sample_pixart(model: PixArtSigma, latents: torch.Tensor, prompt_embeds: torc
 
 @torch.no_grad()
 def sample_dit(model: DiT, latents: torch.Tensor, class_labels: torch.Tensor, steps: int = 250,
-               cfg_scale: float = 1.5, guidance_channels: int | None = 3, generator: torch.Generator | None = None,
+               cfg_scale: float = 1.5, guidance_channels: int | None = 3, seeds: Sequence[int] | None = None,
                progress: bool = True) -> torch.Tensor:
-    """Ancestral DDPM on IDDPM-respaced timesteps with learned variance, as facebookresearch/DiT samples."""
+    """Ancestral DDPM on IDDPM-respaced timesteps with learned variance, as facebookresearch/DiT samples.
+
+    `seeds` (the samples' own seeds) give every sample a CPU generator for the noise of all its steps, seeded
+    with seed + STEP_SEED_OFFSET, so a sample does not depend on its batch; without them the global RNG is used.
+    """
     scheduler = ddpm_scheduler()
     scheduler.set_timesteps(timesteps=respaced_timesteps(steps), device=latents.device)
     guided = cfg_scale > 1.0
+    generators = None
+    if seeds is not None:
+        generators = [torch.Generator().manual_seed(int(s) + STEP_SEED_OFFSET) for s in seeds]
+        # the null-class half is overwritten by the guided half at every step: it reuses the same generators
+        generators = generators * 2 if guided else generators
     labels = class_labels
     if guided:
         latents = torch.cat([latents, latents])
@@ -73,7 +84,7 @@ def sample_dit(model: DiT, latents: torch.Tensor, class_labels: torch.Tensor, st
             out = model.forward_with_cfg(latents.to(dtype), ts, labels, cfg_scale, guidance_channels)
         else:
             out = model(latents.to(dtype), ts, labels)
-        latents = scheduler.step(out.float(), t, latents, generator=generator).prev_sample
+        latents = scheduler.step(out.float(), t, latents, generator=generators).prev_sample
     return latents[: len(class_labels)]
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from models.dit import DiT
 from models.diffusion import pixart_scheduler, respaced_timesteps
-from models.sampling import TextToImage, image_grid, sample_dit, seeded_noise
+from models.sampling import STEP_SEED_OFFSET, TextToImage, image_grid, sample_dit, seeded_noise
 from models.text_encoder import T5TextEncoder
 from models.vae import SDXL_SCALING, LatentVAE
 from tests.conftest import max_rel_err
@@ -62,7 +62,7 @@ def test_respaced_timesteps_follow_iddpm():
     assert respaced_timesteps(1000) == list(range(999, -1, -1))
 
 
-def reference_ddpm(model, x, labels, steps, cfg, generator):
+def reference_ddpm(model, x, labels, steps, cfg, seeds):
     """IDDPM p_sample_loop on a respaced linear schedule with learned-range variance, written out by hand."""
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     alphas_bar = torch.cumprod(1 - betas, 0)
@@ -71,6 +71,7 @@ def reference_ddpm(model, x, labels, steps, cfg, generator):
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     new_betas = 1 - abar / abar_prev
     post_var = new_betas * (1 - abar_prev) / (1 - abar)
+    generators = [torch.Generator().manual_seed(s + STEP_SEED_OFFSET) for s in seeds]
     x = torch.cat([x, x]).double()
     y = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
     for i in reversed(range(len(used))):
@@ -85,7 +86,7 @@ def reference_ddpm(model, x, labels, steps, cfg, generator):
             continue
         frac = (v + 1) / 2
         log_var = frac * new_betas[i].log() + (1 - frac) * post_var[i].clamp(min=1e-20).log()
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generators * 2]).double()
         x = mean + (0.5 * log_var).exp() * noise
     return x[: len(labels)]
 
@@ -95,10 +96,11 @@ def test_dit_sampler_matches_a_hand_written_iddpm_loop():
     noise = seeded_noise([0, 1], (4, 8, 8))
     labels = torch.tensor([2, 7])
     with torch.no_grad():
-        ours = sample_dit(model, noise, labels, steps=10, cfg_scale=4.0, generator=torch.Generator().manual_seed(5),
-                          progress=False)
-        expected = reference_ddpm(model, noise, labels, 10, 4.0, torch.Generator().manual_seed(5))
+        ours = sample_dit(model, noise, labels, steps=10, cfg_scale=4.0, seeds=[5, 6], progress=False)
+        expected = reference_ddpm(model, noise, labels, 10, 4.0, [5, 6])
+        alone = sample_dit(model, noise[1:], labels[1:], steps=10, cfg_scale=4.0, seeds=[6], progress=False)
     assert max_rel_err(ours, expected) <= 1e-4
+    assert max_rel_err(alone[0], ours[1]) <= 1e-5  # a sample does not depend on its batch
 
 
 def test_seeded_noise_is_independent_of_batching():

@@ -1,0 +1,158 @@
+"""FID for the ImageNet sibling: class-balanced DiT / grafted-DiT samples, scored like OpenAI's ADM evaluator.
+
+    # 1. sample (resumable; shard over processes with torchrun / srun, each rank takes every W-th chunk)
+    torchrun --nproc_per_node 8 -m eval.fid sample --ckpt DiT-XL-2-256x256.pt --vae weights/sd-vae-ft-ema \
+        --num-samples 50000 --out runs/fid/dit-xl2
+    python -m eval.fid sample --graft configs/sampling/mha_swaps/50p_hyena_y.yaml \
+        --ckpt grafted_models/.../model.pt --vae weights/sd-vae-ft-ema --out runs/fid/hyena_y_50p
+    # 2. score against ADM's reference batch with the FID Inception weights (local files)
+    python -m eval.fid score --samples runs/fid/dit-xl2/samples.npz \
+        --ref weights/VIRTUAL_imagenet256_labeled.npz --inception weights/pt_inception-2015-12-05-6726825d.pth
+
+Defaults are the DiT paper's FID-50K protocol: 250 DDPM steps, CFG 1.5 on the first 3 latent channels, seeds
+0…N−1. `samples.npz` (`arr_0` uint8 (N, H, W, 3), `arr_1` labels) is also what ADM's own evaluator reads.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.fid_inception import InceptionFeatures, file_sha256, load_fid_inception
+from eval.fid_metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
+from eval.fid_npz import IMAGES_KEY, iter_npz_batches, npz_array_shape
+from eval.fid_sampling import SamplingSettings, check_settings, pack_if_complete, sample_chunks
+from eval.sample import load_dit, parse_overrides
+from models.runtime import Rank, parse_dtype, pick_device, setup_logging
+from models.vae import LatentVAE
+from models.weights import save_json
+
+log = logging.getLogger("fid")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sample = sub.add_parser("sample", help="draw class-balanced samples into chunks, then samples.npz")
+    sample.add_argument("--ckpt", type=Path, required=True,
+                        help="DiT-XL-2-*.pt, a released grafted model.pt (with --graft), diffusers or export folder")
+    sample.add_argument("--preset", help="architecture preset for an original .pt (default: from the file name)")
+    sample.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
+    sample.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE", help="architecture overrides")
+    sample.add_argument("--vae", type=Path, required=True, help="sd-vae-ft-ema folder (DiT's FID decoder)")
+    sample.add_argument("--out", type=Path, required=True, help="folder for chunks/, sampling.json, samples.npz")
+    sample.add_argument("--num-samples", type=int, default=50_000, help="a multiple of the number of classes")
+    sample.add_argument("--chunk-size", type=int, default=250, help="samples per resumable chunk file")
+    sample.add_argument("--batch-size", type=int, default=125, help="samples per forward (doubled by CFG)")
+    sample.add_argument("--steps", type=int, default=250)
+    sample.add_argument("--cfg", type=float, default=1.5)
+    sample.add_argument("--guide-all-channels", action="store_true",
+                        help="guide all latent channels (diffusers) instead of the first 3 (original DiT)")
+    sample.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    sample.add_argument("--device", default="auto")
+    sample.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+    score = sub.add_parser("score", help="FID, sFID, IS, precision and recall of samples.npz")
+    score.add_argument("--samples", type=Path, required=True, help="ADM-format .npz (arr_0 uint8 N×H×W×3)")
+    score.add_argument("--ref", type=Path, required=True,
+                       help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz "
+                       "(arr_0, mu, sigma, mu_s, sigma_s)")
+    score.add_argument("--inception", type=Path, required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    score.add_argument("--out", type=Path, help="results JSON (default: fid_results.json beside the samples)")
+    score.add_argument("--batch-size", type=int, default=100)
+    score.add_argument("--device", default="auto")
+    return parser.parse_args(argv)
+
+
+def run_sample(args: argparse.Namespace) -> Path | None:
+    """Draw this rank's chunks; pack samples.npz when every chunk exists."""
+    rank = Rank.from_env()
+    device, dtype = pick_device(args.device), parse_dtype(args.dtype)
+    model = load_dit(args.ckpt, args.preset, args.graft, parse_overrides(args.arch), dtype).to(device)
+    vae = LatentVAE(args.vae, device=device, dtype=dtype)
+    settings = SamplingSettings(
+        checkpoint=str(args.ckpt.resolve()), graft=str(args.graft.resolve()) if args.graft else None,
+        num_samples=args.num_samples, num_classes=model.config.num_classes,
+        image_size=model.config.input_size * vae.downsample, steps=args.steps, cfg_scale=args.cfg,
+        guidance_channels=None if args.guide_all_channels else 3, seed=args.seed, chunk_size=args.chunk_size,
+        dtype=args.dtype)
+    check_settings(args.out, settings)
+    sample_chunks(model, vae, settings, args.out, args.batch_size, device, rank)
+    return pack_if_complete(args.out, settings)
+
+
+def reference_statistics(ref: Path, features: dict[str, np.ndarray] | None, layer: str
+                         ) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mu, sigma, source) for `pool` (mu/sigma) or `spatial` (mu_s/sigma_s): stored ones when the file has them
+    (ADM computed them with its TF graph), else fitted to the reference images' features."""
+    mu_key, sigma_key = ("mu", "sigma") if layer == "pool" else ("mu_s", "sigma_s")
+    with np.load(ref) as data:
+        if mu_key in data.files and sigma_key in data.files:
+            return data[mu_key], data[sigma_key], f"{ref.name}:{mu_key},{sigma_key}"
+    if features is None:
+        raise ValueError(f"{ref}: has neither {mu_key}/{sigma_key} nor images ({IMAGES_KEY}) to compute them from")
+    return *gaussian_stats(features[layer]), f"{ref.name}:{IMAGES_KEY} features"
+
+
+def run_score(args: argparse.Namespace) -> dict:
+    """Inception features of samples (and reference images) → metrics JSON and a Markdown table."""
+    device = pick_device(args.device)
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would perturb the Inception features
+    extractor = InceptionFeatures(load_fid_inception(args.inception), device)
+    shape, _ = npz_array_shape(args.samples)
+    fake = extractor.extract(iter_npz_batches(args.samples, args.batch_size), shape[0], desc="samples")
+    with np.load(args.ref) as data:
+        has_images = IMAGES_KEY in data.files
+    real = None
+    if has_images:
+        ref_shape, _ = npz_array_shape(args.ref)
+        real = extractor.extract(iter_npz_batches(args.ref, args.batch_size), ref_shape[0], desc="reference")
+    else:
+        log.warning("%s holds no reference images (%s): precision and recall are skipped", args.ref, IMAGES_KEY)
+
+    mu, sigma, pool_source = reference_statistics(args.ref, real, "pool")
+    mu_s, sigma_s, spatial_source = reference_statistics(args.ref, real, "spatial")
+    metrics = {
+        "fid": frechet_distance(*gaussian_stats(fake["pool"]), mu, sigma),
+        "sfid": frechet_distance(*gaussian_stats(fake["spatial"]), mu_s, sigma_s),
+        "inception_score": inception_score(fake["logits"]),
+    }
+    if real is not None:
+        metrics["precision"], metrics["recall"] = precision_recall(real["pool"], fake["pool"], device=device)
+    results = {
+        "metrics": metrics,
+        "samples": str(args.samples), "num_samples": int(shape[0]), "image_size": list(shape[1:3]),
+        "reference": str(args.ref), "num_reference_images": None if real is None else len(real["pool"]),
+        "reference_statistics": {"fid": pool_source, "sfid": spatial_source},
+        "inception": str(args.inception), "inception_sha256": file_sha256(args.inception),
+    }
+    out = args.out or args.samples.with_name("fid_results.json")
+    save_json(results, out)
+    table = markdown_table(metrics, int(shape[0]))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    log.info("wrote %s and %s", out, out.with_suffix(".md"))
+    return results
+
+
+def markdown_table(metrics: dict[str, float], num_samples: int) -> str:
+    """One row of the paper-style table (FID, sFID, IS, precision, recall)."""
+    names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
+    shown = [k for k in names if k in metrics]
+    return "\n".join([f"| samples | {' | '.join(names[k] for k in shown)} |",
+                      "|---:|" + "---:|" * len(shown),
+                      f"| {num_samples} | {' | '.join(f'{metrics[k]:.4g}' for k in shown)} |"])
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
+    setup_logging(Rank.from_env().rank)
+    return run_sample(args) if args.command == "sample" else run_score(args)
+
+
+if __name__ == "__main__":
+    main()
