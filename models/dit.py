@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from models.config import ConfigError
-from models.layers import Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d, unpatchify
+from models.layers import (Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks,
+                           sincos_pos_embed_2d, unpatchify)
 from models.operators.attention import MultiHeadAttention
 from models.pretrained import PretrainedModel
 from models.weights import CheckpointError, KeyMap, KeyRule, StateDict
@@ -128,15 +128,8 @@ class DiT(PretrainedModel):
         self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp_norm_eps)
                                      for _ in range(c.depth)])
         self.final_layer = DiTFinalLayer(c.hidden_size, c.patch_size, c.out_channels)
+        self.pos_embed = SinCosPositions(c.hidden_size)  # plain arange grid: the original's fixed pos_embed
         self.gradient_checkpointing = False
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
-
-    def pos_embed(self, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """Plain 2D sin-cos embedding over the token grid (the original's fixed `pos_embed`)."""
-        key = (hw, str(device))
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_pos_embed_2d(self.config.hidden_size, hw, device=device)
-        return self._pos_cache[key]
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) latents, timestep (B,) or scalar, class_labels (B,) (num_classes = null class)."""
@@ -147,11 +140,7 @@ class DiT(PretrainedModel):
         tokens = (tokens + self.pos_embed(hw, tokens.device)).to(tokens.dtype)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
         c = self.t_embedder(timestep) + self.y_embedder(class_labels)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, hw, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, hw)
+        tokens = run_blocks(self.blocks, self.gradient_checkpointing, tokens, c, hw)
         return unpatchify(self.final_layer(tokens, c), hw, p, self.config.out_channels)
 
     def forward_with_cfg(self, x: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -86,6 +87,32 @@ def sincos_pos_embed_2d(hidden_size: int, grid_hw: tuple[int, int], base_size: f
     emb_w = _sincos_1d(hidden_size // 2, grid_w.reshape(-1))
     emb_h = _sincos_1d(hidden_size // 2, grid_h.reshape(-1))
     return torch.cat([emb_w, emb_h], dim=1).float()
+
+
+class SinCosPositions(nn.Module):
+    """Cached fixed position embeddings per token grid (no parameters, so no state-dict keys)."""
+
+    def __init__(self, hidden_size: int, base_size: float | None = None, interpolation_scale: float = 1.0):
+        super().__init__()
+        self.hidden_size, self.base_size, self.interpolation_scale = hidden_size, base_size, interpolation_scale
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = (hw, str(device))
+        if key not in self._cache:
+            self._cache[key] = sincos_pos_embed_2d(self.hidden_size, hw, self.base_size, self.interpolation_scale,
+                                                   device=device)
+        return self._cache[key]
+
+
+def run_blocks(blocks: nn.ModuleList, checkpointing: bool, x: torch.Tensor, *args) -> torch.Tensor:
+    """Apply the blocks in order, each under activation checkpointing when asked for and training."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from models.config import ConfigError
-from models.layers import Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d, unpatchify
+from models.layers import Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks, unpatchify
 from models.operators.attention import MultiHeadAttention
 from models.operators.attention_core import attention, masked_key_attention
 from models.pretrained import PretrainedModel
@@ -189,16 +188,9 @@ class PixArtSigma(PretrainedModel):
             for i in range(c.depth)
         ])
         self.final_layer = PixArtFinalLayer(c.hidden_size, c.patch_size, c.out_channels)
+        # scaled so that every aspect ratio spans the trained position range
+        self.pos_embed = SinCosPositions(c.hidden_size, c.base_size, c.interpolation_scale)
         self.gradient_checkpointing = False
-        self._pos_cache: dict[tuple, torch.Tensor] = {}
-
-    def pos_embed(self, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """Sin-cos embedding for a token grid, scaled so every aspect ratio spans the trained range."""
-        key = (hw, str(device))
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_pos_embed_2d(self.config.hidden_size, hw, self.config.base_size,
-                                                       self.config.interpolation_scale, device=device)
-        return self._pos_cache[key]
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,12 +209,7 @@ class PixArtSigma(PretrainedModel):
         if encoder_attention_mask is not None and encoder_attention_mask.shape != y.shape[:2]:
             raise ValueError(f"encoder_attention_mask must be (B, L) = {tuple(y.shape[:2])}, "
                              f"got {tuple(encoder_attention_mask.shape)}")
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, y, encoder_attention_mask, t0, hw,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, y, encoder_attention_mask, t0, hw)
+        x = run_blocks(self.blocks, self.gradient_checkpointing, x, y, encoder_attention_mask, t0, hw)
         x = self.final_layer(x, t)
         return unpatchify(x, hw, p, self.config.out_channels)
 
