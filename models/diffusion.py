@@ -81,7 +81,8 @@ class GaussianDiffusion:
         max_log = self._at(self.betas.log(), t, x0)
         frac = (var_values + 1) / 2
         model_log_var = frac * max_log + (1 - frac) * min_log
-        pred_x0 = self._at(self.sqrt_recip_alphas_bar, t, x0) * x_t - self._at(self.sqrt_recipm1_alphas_bar, t, x0) * eps
+        pred_x0 = (self._at(self.sqrt_recip_alphas_bar, t, x0) * x_t
+                   - self._at(self.sqrt_recipm1_alphas_bar, t, x0) * eps)
         model_mean = self._posterior_mean(pred_x0, x_t, t)
         true_mean = self._posterior_mean(x0, x_t, t)
         kl = normal_kl(true_mean, self._at(self.posterior_log_var, t, x0), model_mean, model_log_var)

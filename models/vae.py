@@ -24,7 +24,8 @@ class LatentVAE:
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"VAE folder not found: {root} (download it once, then pass its local path)")
-        self.vae = AutoencoderKL.from_pretrained(component_folder(root, "vae"), local_files_only=True, torch_dtype=dtype)
+        self.vae = AutoencoderKL.from_pretrained(component_folder(root, "vae"), local_files_only=True,
+                                                 torch_dtype=dtype)
         self.vae = self.vae.to(device).eval().requires_grad_(False)
         self.scaling_factor = float(scaling_factor or self.vae.config.scaling_factor)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -8,7 +8,8 @@ from models.operators.attention_core import attention, window_attention
 
 
 class MultiHeadAttention(nn.Module):
-    """`mha`: timm `Attention` (keys `qkv`, `proj`; optional per-head `q_norm` / `k_norm`), the DiT/PixArt self-attention."""
+    """`mha`: timm `Attention` (keys `qkv`, `proj`; optional per-head `q_norm` / `k_norm`): DiT's and PixArt's
+    self-attention."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):

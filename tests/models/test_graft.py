@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -135,7 +134,8 @@ def test_paper_sampling_yamls_graft_dit_xl2(path):
     assert all(layout(i) == layout(0) for i in range(0, 28, 2))
     assert all(layout(i) == layout(1) != layout(0) for i in range(1, 28, 2))
     keys = {k for k in model.state_dict() if k.startswith(f"blocks.1.{attr}.")}
-    expected_prefix = {"hyena_y": "in_proj", "mamba2": "A_log", "swa": "Wqkv", "mlp": "fc1", "mlp_hyena_x": "short_filter"}
+    expected_prefix = {"hyena_y": "in_proj", "mamba2": "A_log", "swa": "Wqkv", "mlp": "fc1",
+                       "mlp_hyena_x": "short_filter"}
     assert any(expected_prefix[raw["operator"]["name"]] in k for k in keys)
 
 

@@ -129,8 +129,8 @@ def teacher_shards(tmp_path_factory) -> Path:
 def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_shards):
     """On teacher-generated shards: kill -9 in stage 1, resume, kill -9 in stage 2, resume. The exported weights
     are byte-equal to a run that was never interrupted (CPU, fp32, same world size)."""
-    sets = ["data.source=shards", f"data.train={teacher_shards}", "stage1.steps=100", "stage1.checkpoint_every=20", "stage1.eval_every=20", "stage2.steps=60",
-            "stage2.checkpoint_every=10"]
+    sets = ["data.source=shards", f"data.train={teacher_shards}", "stage1.steps=100", "stage1.checkpoint_every=20",
+            "stage1.eval_every=20", "stage2.steps=60", "stage2.checkpoint_every=10"]
     train(tmp_path / "straight", sets)
     killed = tmp_path / "killed"
     run_until(killed, sets, killed / "stage1" / "checkpoints" / "step00000020")
