@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from data.prompts import read_prompts
 from data.sample_format import IMAGE_FORMATS, LATENT, TEXT, encode_image, shard_sample, valid_tokens
 from data.shard_writer import ShardPlan, check_dataset_info, chunks, write_shards

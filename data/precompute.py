@@ -28,10 +28,10 @@ from data.image_prep import IMAGE_SUFFIXES, is_image, load_square
 from data.sample_format import LATENT, LATENT_FLIP, TEXT, shard_sample, valid_tokens
 from data.shard_writer import ShardPlan, check_dataset_info, chunks, write_shards
 from data.skips import SkipCounter
+from models.files import save_json
 from models.runtime import Rank, parse_dtype, pick_device, setup_logging
 from models.text_encoder import T5TextEncoder
 from models.vae import LatentVAE
-from models.weights import save_json
 
 log = logging.getLogger("precompute")
 CLASSES_FILE = "classes.json"

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from data.batching import ShapeBuckets, collate
-from data.shard_io import TensorRef, mapped_tar_files
 from data.sample_format import LABEL, LATENT, LATENT_FLIP, TENSORS, TEXT, SampleError, tensor_layout
+from data.shard_io import TensorRef, mapped_tar_files
 from data.skips import SkipCounter
 from models.runtime import Rank, parse_dtype
 

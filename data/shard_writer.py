@@ -19,8 +19,8 @@ from typing import Any
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from models.files import atomic_write, save_json
 from models.runtime import Rank
-from models.weights import atomic_write, save_json
 
 log = logging.getLogger(__name__)
 

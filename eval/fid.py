@@ -26,9 +26,9 @@ from eval.fid_metrics import frechet_distance, gaussian_stats, inception_score, 
 from eval.fid_npz import IMAGES_KEY, iter_npz_batches, npz_array_shape
 from eval.fid_sampling import SamplingSettings, check_settings, pack_if_complete, sample_chunks
 from eval.sample import load_dit, parse_overrides
+from models.files import save_json
 from models.runtime import Rank, parse_dtype, pick_device, setup_logging
 from models.vae import LatentVAE
-from models.weights import save_json
 
 log = logging.getLogger("fid")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.weights import atomic_write
+from models.files import atomic_write
 
 IMAGES_KEY = "arr_0"
 LABELS_KEY = "arr_1"  # guided-diffusion's sample batches store class labels here; the evaluator ignores it

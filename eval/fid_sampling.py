@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from eval.fid_npz import LABELS_KEY, npz_array_shape, write_npz_streaming
 from models.dit import DiT
+from models.files import atomic_write, save_json
 from models.runtime import Rank
 from models.sampling import sample_dit, seeded_noise, to_uint8
 from models.vae import LatentVAE
-from models.weights import atomic_write, save_json
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,28 @@ from pathlib import Path
 import torch
 
 from eval.geneval_colors import ClipColorClassifier
-from eval.geneval_detections import (ColorClassifier, Detector, ImageDetections, detect_images, load_detections,
-                                     save_detections, storage_threshold)
+from eval.geneval_detections import (
+    ColorClassifier,
+    Detector,
+    ImageDetections,
+    detect_images,
+    load_detections,
+    save_detections,
+    storage_threshold,
+)
 from eval.geneval_detectors import Mask2FormerDetector, MMDetDetector
 from eval.geneval_generate import SETTINGS_FILE, GenerationSettings, generate, missing_images
 from eval.geneval_layout import list_images
-from eval.geneval_prompts import (METADATA, OBJECT_NAMES, TAGS, official_file, read_metadata, read_object_names,
-                                  select_prompts, sha256_of)
+from eval.geneval_prompts import (
+    METADATA,
+    OBJECT_NAMES,
+    TAGS,
+    official_file,
+    read_metadata,
+    read_object_names,
+    select_prompts,
+    sha256_of,
+)
 from eval.geneval_report import write_grid, write_results, write_scores, write_summary
 from eval.geneval_rules import ScoringOptions
 from eval.geneval_scoring import prompt_agnostic_baseline, score_image, summarize

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from eval.geneval_colors import object_crop
 from eval.geneval_layout import GeneratedImage
 from eval.geneval_rules import Detection, ScoringOptions, filter_detections
-from models.weights import atomic_write
+from models.files import atomic_write
 
 FORMAT = "grafting-geneval-detections/1"
 

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from eval.geneval_layout import sample_path, write_metadata
 from eval.geneval_prompts import Prompt
+from models.files import atomic_write, save_json
 from models.runtime import Rank
 from models.sampling import TextToImage, to_uint8
-from models.weights import atomic_write, save_json
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "generation.json"  # in the image folder; the official evaluator ignores non-digit entries

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.weights import atomic_write
+from models.files import atomic_write
 
 SAMPLE_NAME = re.compile(r"(\d+)\.png")  # re.match: a prefix match, as upstream
 

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.weights import atomic_write
+from models.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageOps
 
 from eval.geneval_scoring import RESULT_FIELDS, Summary
+from models.files import atomic_write
 from models.sampling import image_grid
-from models.weights import atomic_write
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS_PER_TAG = 2

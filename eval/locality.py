@@ -31,13 +31,13 @@ from tqdm.auto import tqdm
 
 from data.prompts import read_prompts
 from eval.sample import load_dit, parse_overrides
+from models.files import save_json
 from models.graft import GraftSpec
 from models.operators.attention import MultiHeadAttention
 from models.pixart import PixArtSigma
 from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import sample_dit, sample_pixart, seeded_noise
 from models.text_encoder import T5TextEncoder
-from models.weights import save_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)

@@ -32,11 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.flops import meta_forward_flops, pixart_forward_flops
+from models.files import save_json
 from models.graft import GraftSpec
 from models.pixart import PixArtConfig, PixArtSigma
 from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import sample_pixart
-from models.weights import save_json
 
 log = logging.getLogger("speed")
 

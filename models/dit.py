@@ -15,8 +15,16 @@ import torch
 from torch import nn
 
 from models.config import ConfigError
-from models.layers import (Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks,
-                           sincos_pos_embed_2d, unpatchify)
+from models.layers import (
+    Mlp,
+    PatchEmbed,
+    SinCosPositions,
+    TimestepEmbedder,
+    modulate,
+    run_blocks,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 from models.operators.attention import MultiHeadAttention
 from models.pretrained import PretrainedModel
 from models.weights import CheckpointError, KeyMap, KeyRule, StateDict

@@ -24,8 +24,9 @@ import yaml
 from torch import nn
 
 from models.config import ConfigError
+from models.files import save_text
 from models.operators import build, check_config, operator_info
-from models.weights import atomic_write, load_strict, read_state_dict
+from models.weights import load_strict, read_state_dict
 
 TARGETS = {"mha": "attn", "mlp": "mlp"}  # graft type → block attribute it replaces
 PATTERNS = ("interleaved", "first", "last")
@@ -127,8 +128,7 @@ class GraftSpec:
                            for g in self.grafts]}
 
     def save_yaml(self, path: str | Path) -> None:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        save_text(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
     # ---- resolving against a model ---------------------------------------------------------------------------
     def resolved(self, model: nn.Module) -> GraftSpec:

@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from models.config import ConfigError, from_dict, to_dict
+from models.files import save_json
 from models.graft import GraftSpec
-from models.weights import (KeyMap, StateDict, load_strict, read_diffusers_weights, read_state_dict,
-                            save_json, save_safetensors, save_torch)
+from models.weights import (
+    KeyMap,
+    StateDict,
+    load_strict,
+    read_diffusers_weights,
+    read_state_dict,
+    save_safetensors,
+    save_torch,
+)
 
 NATIVE_WEIGHTS = "model.safetensors"
 GRAFT_FILE = "graft.yaml"

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from models.files import atomic_write
 
 StateDict = dict[str, torch.Tensor]
 
@@ -154,26 +155,6 @@ class KeyMap:
                                   f"unexpected {unexpected[:25]} ({len(unexpected)})")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run `write(tmp_path)` then rename onto `path`: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shards and exports from a shared cluster
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_safetensors(state: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Atomically write contiguous tensors as safetensors."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -183,8 +164,3 @@ def save_safetensors(state: StateDict, path: str | os.PathLike, metadata: dict[s
 def save_torch(obj, path: str | os.PathLike) -> None:
     """Atomically `torch.save` a tensors-only object (readable with `weights_only=True`)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_json(obj, path: str | os.PathLike) -> None:
-    """Atomically write pretty JSON."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))

@@ -16,10 +16,10 @@ import torch
 from models.diffusion import GaussianDiffusion
 from models.graft import GraftSpec
 from models.pixart import PixArtSigma
+from models.tables import markdown_table
 from recipes.batches import SyntheticBatches
 from recipes.config import OptimSection
 from recipes.engine import LocalEngine
-from recipes.reporting import markdown_table
 from recipes.stage1 import ActivationTap, StudentBank, student_losses, teacher_records
 
 

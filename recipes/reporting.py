@@ -81,14 +81,3 @@ def plot_curves(metrics: Path, png: Path, title: str) -> None:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     log.info("loss curves → %s", png)
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; floats printed with 4 significant digits."""
-
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.diffusion import GaussianDiffusion
+from models.files import save_json, save_text
 from models.graft import Graft, GraftSpec
-from models.weights import read_state_dict, save_json, save_safetensors
+from models.tables import markdown_table
+from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import call_model, noise_batch, to_device
 from recipes.builders import build_source, build_teacher
@@ -24,7 +26,7 @@ from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
 from recipes.distributed import barrier, device, use_bf16
 from recipes.engine import LocalEngine, deepspeed_engine, full_state_dict
-from recipes.reporting import RunLog, markdown_table, read_metrics
+from recipes.reporting import RunLog, read_metrics
 
 log = logging.getLogger(__name__)
 VAL_SEED = 987_654_321
@@ -192,7 +194,7 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
     barrier()
     if rank == 0:
         report = layer_table(best_dir(recipe), [out / "metrics.jsonl", *sorted(out.glob("rank*/metrics.jsonl"))])
-        (out / "layers.md").write_text(report + "\n")
+        save_text(report + "\n", out / "layers.md")
         log.info("stage 1 per-layer results (%s):\n%s", out / "layers.md", report)
     return best_dir(recipe)
 

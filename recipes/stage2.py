@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from models.diffusion import GaussianDiffusion
+from models.files import save_text
 from models.graft import GraftSpec
 from models.pretrained import PretrainedModel
 from models.weights import load_strict, read_state_dict
@@ -104,7 +105,7 @@ def export(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int)
         if recipe.stage2.mode == "lora":
             merge_lora(model)
         model.save_pretrained(folder)
-        (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+        save_text(dump_recipe(recipe), folder / "recipe.yaml")
         log.info("exported the grafted model to %s", folder)
     barrier()
     return folder

@@ -13,8 +13,8 @@ import logging
 import warnings
 from pathlib import Path
 
+from models.files import save_text
 from models.runtime import setup_logging
-from models.weights import atomic_write
 from recipes.config import dump_recipe, load_recipe
 from recipes.distributed import barrier, init_process_group
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     setup_logging(rank)
     out = recipe.out
     if rank == 0:
-        atomic_write(out / "recipe.yaml", lambda tmp: Path(tmp).write_text(dump_recipe(recipe)))
+        save_text(dump_recipe(recipe), out / "recipe.yaml")
         log.info("recipe %s → %s (%d rank%s)", recipe.name, out, world_size, "s" * (world_size > 1))
     barrier()
     from recipes.stage1 import best_dir, run_stage1  # imported after the process group: DeepSpeed set-up

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.operators.attention_core import use_kernel, optional_module
+from models.operators.attention_core import optional_module, use_kernel
 
 #: Kernel widths the `causal_conv1d` CUDA kernel implements.
 KERNEL_WIDTHS = (2, 3, 4)

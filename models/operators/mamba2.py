@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.operators.attention_core import use_kernel, optional_module
+from models.operators.attention_core import optional_module, use_kernel
 from models.operators.causal_conv import CausalDepthwiseConv1d
 
 SSD_KERNEL = "mamba_ssm.ops.triton.ssd_combined"

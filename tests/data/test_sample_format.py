@@ -5,8 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from data.sample_format import (SampleError, decode_tensors, encode_tensors, shard_sample, tensor_layout,
-                                valid_tokens)
+from data.sample_format import SampleError, decode_tensors, encode_tensors, shard_sample, tensor_layout, valid_tokens
 from data.shard_io import TensorRef
 
 

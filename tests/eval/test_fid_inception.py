@@ -6,8 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.fid_inception import (FID_POOLS, InceptionFeatures, build_fid_inception, load_fid_inception,
-                                resize_bilinear_tf1)
+from eval.fid_inception import (
+    FID_POOLS,
+    InceptionFeatures,
+    build_fid_inception,
+    load_fid_inception,
+    resize_bilinear_tf1,
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,18 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.geneval_detectors import (IMAGENET_MEAN, IMAGENET_STD, Mask2FormerDetector, MMDetDetector,
-                                    from_mmdet_result, group_by_class, instance_postprocess, mask_to_box, preprocess,
-                                    resized_shape)
+from eval.geneval_detectors import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Mask2FormerDetector,
+    MMDetDetector,
+    from_mmdet_result,
+    group_by_class,
+    instance_postprocess,
+    mask_to_box,
+    preprocess,
+    resized_shape,
+)
 from eval.geneval_prompts import read_object_names
 from eval.geneval_tiny import write_tiny_mask2former
 from tests.conftest import SHARED

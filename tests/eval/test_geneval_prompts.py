@@ -5,8 +5,16 @@ from collections import Counter
 
 import pytest
 
-from eval.geneval_prompts import (METADATA, OBJECT_NAMES, official_file, read_metadata, read_object_names,
-                                  select_prompts, sha256_of, tag_order)
+from eval.geneval_prompts import (
+    METADATA,
+    OBJECT_NAMES,
+    official_file,
+    read_metadata,
+    read_object_names,
+    select_prompts,
+    sha256_of,
+    tag_order,
+)
 from tests.conftest import SHARED
 
 FILES = SHARED / "geneval"

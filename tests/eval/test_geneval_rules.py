@@ -6,8 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from eval.geneval_rules import (COLORS, Detection, ScoringOptions, compute_iou, details_json, evaluate,
-                                filter_detections, relative_position)
+from eval.geneval_rules import (
+    COLORS,
+    Detection,
+    ScoringOptions,
+    compute_iou,
+    details_json,
+    evaluate,
+    filter_detections,
+    relative_position,
+)
 from tests.conftest import SHARED
 
 

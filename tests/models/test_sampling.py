@@ -8,8 +8,8 @@ import torch
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 from PIL import Image
 
-from models.dit import DiT
 from models.diffusion import pixart_scheduler, respaced_timesteps
+from models.dit import DiT
 from models.sampling import STEP_SEED_OFFSET, TextToImage, image_grid, sample_dit, seeded_noise
 from models.text_encoder import T5TextEncoder
 from models.vae import SDXL_SCALING, LatentVAE
