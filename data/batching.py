@@ -6,6 +6,8 @@ from collections.abc import Hashable, Iterator
 
 import torch
 
+from data.shard_io import TensorRef
+
 
 class ShapeBuckets:
     """Holds samples per shape key; a bucket is released as soon as it holds a full batch.
@@ -67,7 +69,7 @@ def collate(samples: list[dict], text_tokens: int | None, dtype: torch.dtype | N
     return batch
 
 
-def _fill(out: torch.Tensor, source) -> None:
+def _fill(out: torch.Tensor, source: torch.Tensor | TensorRef) -> None:
     """Copy a tensor, or read a `TensorRef` from its shard, into `out`."""
     if isinstance(source, torch.Tensor):
         out.copy_(source)

@@ -18,7 +18,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from data.batching import collate
 from data.reader import ReaderConfig, ShardLoader
 from data.sample_format import LATENT, TENSORS, TEXT, shard_sample
-from data.shard_writer import ShardPlan, write_shard
-from models.runtime import setup_logging
+from data.shard_writer import ShardPlan, write_shards
+from models.runtime import Rank, setup_logging
+from models.tables import markdown_table
 
 log = logging.getLogger("bench_reader")
 LATENT_SHAPE, TEXT_SHAPE = (4, 256, 256), (300, 4096)  # PixArt-Sigma at 2048²: latent and T5-XXL features
@@ -46,12 +47,10 @@ def fake_samples(indices: Iterable[int]) -> Iterable[tuple[int, torch.Tensor, to
         yield i, torch.randn(LATENT_SHAPE, generator=g).bfloat16(), torch.randn(TEXT_SHAPE, generator=g).bfloat16()
 
 
-def write_shards(folder: Path, num_samples: int, shard_size: int) -> None:
-    plan = ShardPlan(num_samples, shard_size)
-    for shard in range(plan.num_shards):
-        samples = (shard_sample(i, {LATENT: lat, TEXT: txt}, {"index": i}, caption="a benchmark sample")
-                   for i, lat, txt in fake_samples(plan.samples(shard)))
-        write_shard(folder / f"shard-r000-{shard:06d}.tar", shard, plan.samples(shard), samples)
+def fake_shard_samples(indices: range) -> Iterator[dict]:
+    """The fake samples as the shard writer takes them."""
+    for i, lat, txt in fake_samples(indices):
+        yield shard_sample(i, {LATENT: lat, TEXT: txt}, {"index": i}, caption="a benchmark sample")
 
 
 def write_npy(folder: Path, num_samples: int, as_bits: bool) -> None:
@@ -79,7 +78,7 @@ class NpyPerSample(Dataset):
         return out
 
 
-def stock_webdataset(folder: Path, batch_size: int):
+def stock_webdataset(folder: Path, batch_size: int) -> wds.WebDataset:
     """webdataset's own tar reading and safetensors' `load` (both copy every member), our collate."""
     def decode(sample: dict) -> dict:
         tensors = load(sample[TENSORS])
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         log.warning("writing %d samples three ways under %s", args.samples, root)
-        write_shards(root / "shards", args.samples, args.shard_size)
+        write_shards(root / "shards", ShardPlan(args.samples, args.shard_size), Rank(), fake_shard_samples)
         write_npy(root / "npy_fp32", args.samples, as_bits=False)
         write_npy(root / "npy_bf16", args.samples, as_bits=True)
         os.sync()  # no write-back competing with the timed reads
@@ -161,11 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [{"loader": name, "mb_per_sample": folder_mb_per_sample(root / folder, args.samples),
                  "samples_per_s": statistics.median(runs[name])} for name, folder, _ in loaders]
     baseline = next(r["samples_per_s"] for r in rows if r["loader"] == BASELINE)
-    print(f"| loader ({args.samples} samples, batch {args.batch_size}, {args.workers} workers) | MB per sample "
-          "| samples/s | vs naive fp32 |\n|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['loader']} | {row['mb_per_sample']:.2f} | {row['samples_per_s']:.0f} "
-              f"| {row['samples_per_s'] / baseline:.1f}× |")
+    headers = [f"loader ({args.samples} samples, batch {args.batch_size}, {args.workers} workers)", "MB per sample",
+               "samples/s", "vs naive fp32"]
+    print(markdown_table(headers, [[r["loader"], f"{r['mb_per_sample']:.2f}", f"{r['samples_per_s']:.0f}",
+                                    f"{r['samples_per_s'] / baseline:.1f}×"] for r in rows], align="lrrr"))
     print(f"\n{os.cpu_count()} CPUs; 1-minute load average {load_before:.1f} before the timed rounds, "
           f"{os.getloadavg()[0]:.1f} after")
     return rows

@@ -12,8 +12,6 @@ job skips finished shards.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import tempfile
 import time
@@ -23,22 +21,24 @@ from pathlib import Path
 
 from data.prompts import read_prompts
 from data.sample_format import IMAGE_FORMATS, LATENT, TEXT, encode_image, shard_sample, valid_tokens
-from data.shard_writer import ShardPlan, check_dataset_info, chunks, write_shards
-from models.pretrained import component_folder
+from data.shard_writer import DATASET_INFO, ShardPlan, chunks, write_shards
+from models.files import check_or_record, json_sha256
+from models.pretrained import model_sha256
 from models.runtime import Rank, parse_dtype, pick_device, setup_logging
 from models.sampling import TextToImage, to_uint8
 from models.tiny import words_of, write_tiny_pipeline
 
 log = logging.getLogger("generate")
-WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pth", ".pt"}
-HASH_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class TeacherDataSettings:
     """Everything that determines the samples; stored in dataset.json and checked again on every restart."""
 
     teacher_sha256: str
+    text_encoder_sha256: str  # T5 encoder and tokenizer files
+    vae_sha256: str
+    preset: str | None
     prompts_sha256: str
     num_prompts: int
     height: int
@@ -52,46 +52,26 @@ class GenerationSettings:
     shard_size: int
 
 
-def teacher_files(path: Path) -> list[Path]:
-    """The files that define the teacher transformer: an original checkpoint, or a folder's config and weights."""
-    if path.is_file():
-        return [path]
-    folder = component_folder(path, "transformer")
-    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
-    if not files:
-        raise FileNotFoundError(f"{folder}: no transformer config or weight files to fingerprint")
-    return files
-
-
-def fingerprint(files: list[Path]) -> str:
-    """sha256 over the files' names and contents, read in chunks (a multi-GB checkpoint is never held in memory)."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def teacher_samples(pipe: TextToImage, prompts: list[dict], indices: range, settings: GenerationSettings,
+def teacher_samples(pipe: TextToImage, prompts: list[dict], indices: range, settings: TeacherDataSettings,
                     batch_size: int) -> Iterator[dict]:
     """Shard samples for `indices`, generated in batches that start at the shard's first index (so a rewritten
     shard repeats exactly the same computation)."""
-    s = settings
     for batch in chunks(indices, batch_size):
         texts = [prompts[i]["prompt"] for i in batch]
-        seeds = [s.seed + i for i in batch]
+        seeds = [settings.seed + i for i in batch]
         features, mask = pipe.text_encoder.encode(texts)
-        latents, images = pipe(texts, seeds, s.height, s.width, s.steps, s.cfg, s.negative_prompt, progress=False)
+        latents, images = pipe(texts, seeds, settings.height, settings.width, settings.steps, settings.cfg,
+                               settings.negative_prompt, progress=False)
         pixels = to_uint8(images)
         for j, i in enumerate(batch):
             text = valid_tokens(features[j], mask[j])
-            metadata = {**prompts[i], "index": i, "seed": seeds[j], "steps": s.steps, "cfg": s.cfg,
-                        "height": s.height, "width": s.width, "negative_prompt": s.negative_prompt,
-                        "t5_length": len(text), "teacher_sha256": s.teacher_sha256, "dtype": s.dtype}
+            metadata = {**prompts[i], "index": i, "seed": seeds[j], "steps": settings.steps, "cfg": settings.cfg,
+                        "height": settings.height, "width": settings.width,
+                        "negative_prompt": settings.negative_prompt, "t5_length": len(text),
+                        "teacher_sha256": settings.teacher_sha256, "dtype": settings.dtype}
             yield shard_sample(i, {LATENT: latents[j], TEXT: text}, metadata, caption=texts[j],
-                               image=encode_image(pixels[j], s.image_format), image_format=s.image_format)
+                               image=encode_image(pixels[j], settings.image_format),
+                               image_format=settings.image_format)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,33 +106,40 @@ def main(argv: list[str] | None = None) -> list[Path]:
     setup_logging(rank.rank)
     prompts = read_prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tiny_folder:
-        if args.tiny:
-            args.pipeline = write_tiny_pipeline(tiny_folder, words=words_of([r["prompt"] for r in prompts]))
-        return generate(args, prompts, rank)
+        pipeline = (write_tiny_pipeline(tiny_folder, words=words_of([r["prompt"] for r in prompts])) if args.tiny
+                    else args.pipeline)
+        return generate(prompts, args.out, rank, pipeline, transformer=args.transformer, preset=args.preset,
+                        height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
+                        negative_prompt=args.negative_prompt, seed=args.seed, image_format=args.image_format,
+                        shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+                        dtype=args.dtype)
 
 
-def generate(args: argparse.Namespace, prompts: list[dict], rank: Rank) -> list[Path]:
-    """Load the teacher, check the output folder's settings, write this rank's unfinished shards."""
-    device = pick_device(args.device)
-    pipe = TextToImage.from_paths(args.pipeline, args.transformer, args.preset, device=str(device),
-                                  dtype=parse_dtype(args.dtype))
+def generate(prompts: list[dict], out: Path, rank: Rank, pipeline: Path, *, transformer: Path | None = None,
+             preset: str | None = None, height: int | None = None, width: int | None = None, steps: int = 20,
+             cfg: float = 4.5, negative_prompt: str = "", seed: int = 0, image_format: str = "png",
+             shard_size: int = 100, batch_size: int = 4, device: str = "auto", dtype: str = "fp32") -> list[Path]:
+    """Load the teacher, check the output folder's settings, write this rank's unfinished shards. `height` and
+    `width` default to the transformer's trained size."""
+    pipe = TextToImage.from_paths(pipeline, transformer, preset, device=str(pick_device(device)),
+                                  dtype=parse_dtype(dtype))
     side = pipe.transformer.config.sample_size * pipe.vae.downsample
-    height, width = args.height or side, args.width or side
+    height, width = height or side, width or side
     pipe.latent_shape(height, width)  # fails early on sizes the model cannot take
-    settings = GenerationSettings(
-        teacher_sha256=fingerprint(teacher_files(args.transformer or args.pipeline)),
-        prompts_sha256=hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
-        num_prompts=len(prompts), height=height, width=width, steps=args.steps, cfg=args.cfg, seed=args.seed,
-        negative_prompt=args.negative_prompt, dtype=args.dtype, image_format=args.image_format,
-        shard_size=args.shard_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_dataset_info(args.out, asdict(settings))
+    settings = TeacherDataSettings(
+        teacher_sha256=model_sha256(transformer or pipeline, "transformer"),
+        text_encoder_sha256=model_sha256(pipeline, "text_encoder", "tokenizer"),
+        vae_sha256=model_sha256(pipeline, "vae"), preset=preset, prompts_sha256=json_sha256(prompts),
+        num_prompts=len(prompts), height=height, width=width, steps=steps, cfg=cfg, seed=seed,
+        negative_prompt=negative_prompt, dtype=dtype, image_format=image_format, shard_size=shard_size)
+    out.mkdir(parents=True, exist_ok=True)
+    check_or_record(out / DATASET_INFO, asdict(settings), "shards")
     started = time.perf_counter()
-    written = write_shards(args.out, ShardPlan(len(prompts), args.shard_size), rank,
-                           lambda indices: teacher_samples(pipe, prompts, indices, settings, args.batch_size),
+    written = write_shards(out, ShardPlan(len(prompts), shard_size), rank,
+                           lambda indices: teacher_samples(pipe, prompts, indices, settings, batch_size),
                            unit="img")
     log.info("rank %d wrote %d shards to %s in %.1f s (%dx%d, %d steps, CFG %g, teacher %s…)", rank.rank,
-             len(written), args.out, time.perf_counter() - started, width, height, args.steps, args.cfg,
+             len(written), out, time.perf_counter() - started, width, height, steps, cfg,
              settings.teacher_sha256[:12])
     return written
 

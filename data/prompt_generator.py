@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data import prompt_words as W
+from models.files import save_text
 from models.runtime import setup_logging
 
 log = logging.getLogger("prompt_generator")
@@ -130,8 +131,7 @@ def main(argv: list[str] | None = None) -> Path:
         text = "".join(json.dumps(r) + "\n" for r in records)
     else:
         text = "".join(r["prompt"] + "\n" for r in records)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    save_text(text, args.out)
     log.info("wrote %d prompts (seed %d) to %s", len(records), args.seed, args.out)
     return args.out
 

@@ -66,11 +66,12 @@ class ReaderConfig:
 @dataclass
 class WorkerPosition:
     """Where one reader slot stands: its epoch, how many samples of that epoch's shuffled stream it has passed,
-    and which of those sit in partial batches."""
+    which of those sit in partial batches, and how many unreadable shards of that epoch it has counted."""
 
     epoch: int = 0
     consumed: int = 0
     pending: list[int] = field(default_factory=list)
+    shard_errors: int = 0
 
 
 def resolve_shards(specs: list[str]) -> list[str]:
@@ -88,7 +89,7 @@ def resolve_shards(specs: list[str]) -> list[str]:
             raise FileNotFoundError(f"no shards for {spec!r}" + (f": missing {missing[:5]}" if missing else "")
                                     + "; give shard folders, globs, brace patterns or .tar paths")
         paths += found
-    duplicates = sorted({p for p in paths if paths.count(p) > 1})
+    duplicates = sorted(p for p, n in Counter(paths).items() if n > 1)
     if duplicates:
         raise ValueError(f"shards listed more than once: {duplicates[:5]}; each would be read twice per epoch")
     return paths
@@ -136,7 +137,11 @@ def plan_sample(raw: dict, config: ReaderConfig, epoch: int) -> tuple[tuple, dic
 
 def detect_kind(shards: list[str]) -> str:
     """'text' or 'class', from the first readable sample that tells (T5 features, or a class label)."""
-    for raw in group_by_keys(mapped_tar_files(({"url": p} for p in shards), handler=lambda exn: True)):
+    def on_error(exn: Exception) -> bool:
+        log.warning("detecting the data kind: skipped an unreadable shard (%s)", exn)
+        return True
+
+    for raw in group_by_keys(mapped_tar_files(({"url": p} for p in shards), handler=on_error)):
         if TENSORS in raw:
             try:
                 if TEXT in tensor_layout(raw[TENSORS].view):
@@ -147,6 +152,21 @@ def detect_kind(shards: list[str]) -> str:
             return "class"
     raise ValueError(f"no sample in {len(shards)} shards ({shards[0]}, …) has T5 features ('{TEXT}' tensor) or a "
                      f"class label (.{LABEL}); are these shards from data.generate or data.precompute?")
+
+
+class ShardErrors:
+    """The pipeline's error handler for one slot's epoch: counts each unreadable shard as a `corrupt_shard` skip
+    and goes on. A resumed slot replays its epoch from the start; the first `counted` errors of the replay were
+    counted before the interruption and are not counted again."""
+
+    def __init__(self, skips: SkipCounter, counted: int = 0):
+        self.skips, self.counted, self.seen = skips, counted, 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.seen += 1
+        if self.seen > self.counted:
+            self.skips.skip("corrupt_shard", str(exn))
+        return True
 
 
 class ShardStream(IterableDataset):
@@ -173,12 +193,8 @@ class ShardStream(IterableDataset):
         random.Random(f"{self.config.seed}:{epoch}").shuffle(order)
         return order[self.rank.rank * num_workers + slot::self.rank.world_size * num_workers]
 
-    def raw_samples(self, epoch: int, slot: int, num_workers: int, skips: SkipCounter) -> Iterator[dict]:
+    def raw_samples(self, epoch: int, slot: int, num_workers: int, on_error: ShardErrors) -> Iterator[dict]:
         """Undecoded samples of this slot's epoch, shuffled (cheap to replay: they are views of mapped files)."""
-        def on_error(exn: Exception) -> bool:
-            skips.skip("corrupt_shard", str(exn))
-            return True
-
         rng = random.Random(f"{self.config.seed}:{epoch}:{self.rank.rank}:{slot}")
         return iter(wds.DataPipeline(
             wds.SimpleShardList(self.epoch_shards(epoch, slot, num_workers)),
@@ -192,9 +208,10 @@ class ShardStream(IterableDataset):
         batches, short, so no sample waits across epochs."""
         cfg, skips = self.config, SkipCounter(log)
         epoch, skip_to, pending = start.epoch, start.consumed, set(start.pending)
+        errors = ShardErrors(skips, counted=start.shard_errors)
         while cfg.epochs is None or epoch < cfg.epochs:
             buckets, valid, total = ShapeBuckets(cfg.batch_size), 0, 0
-            for i, raw in enumerate(self.raw_samples(epoch, slot, num_workers, skips)):
+            for i, raw in enumerate(self.raw_samples(epoch, slot, num_workers, errors)):
                 total = i + 1
                 if i < skip_to and i not in pending:
                     continue
@@ -206,16 +223,17 @@ class ShardStream(IterableDataset):
                 valid += 1
                 full = buckets.add(i, shape, sample)
                 if full is not None:
-                    yield self.message(slot, WorkerPosition(epoch, i + 1, buckets.pending()), skips, full)
+                    yield self.message(slot, WorkerPosition(epoch, i + 1, buckets.pending(), errors.seen), skips,
+                                       full)
             if valid == 0 and skip_to == 0 and cfg.epochs is None:
                 raise RuntimeError(f"reader slot {slot} of rank {self.rank.rank} got no valid sample from its shards "
                                    f"{self.epoch_shards(epoch, slot, num_workers)} in epoch {epoch} (skipped: "
                                    f"{dict(skips.counts)}); fix or remove those shards (see the warnings above)")
             for rest in buckets.flush():
                 held = buckets.pending()
-                yield self.message(slot, WorkerPosition(epoch, total, held) if held else WorkerPosition(epoch + 1),
-                                   skips, rest)
-            epoch, skip_to, pending = epoch + 1, 0, set()
+                position = WorkerPosition(epoch, total, held, errors.seen) if held else WorkerPosition(epoch + 1)
+                yield self.message(slot, position, skips, rest)
+            epoch, skip_to, pending, errors = epoch + 1, 0, set(), ShardErrors(skips)
         yield self.message(slot, WorkerPosition(epoch), skips)  # the end of a finite run: the last counts
 
     @staticmethod

@@ -1,20 +1,17 @@
 """Writing a dataset as fixed-range tar shards, split across ranks and resumable.
 
 Shard `s` always holds the samples with global indices [s·size, (s+1)·size), whatever the world size, and rank
-`r` of `w` writes the shards with s % w == r. A shard exists under its final name only once complete (it is
-written to a temporary name and renamed), so a restarted job skips finished shards, rewrites partial ones and
-never duplicates a sample.
+`r` of `w` writes the shards with s % w == r. A shard is finished once its tar and then its index JSON exist under
+their final names (each is written to a temporary name and renamed), so a restarted job skips finished shards,
+deletes what a killed writer left of the others, rewrites them and never duplicates a sample.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import webdataset as wds
 from tqdm.auto import tqdm
@@ -59,11 +56,12 @@ def index_path(shard_path: Path) -> Path:
 
 
 def finished_shards(out: Path) -> dict[int, Path]:
-    """Shard index → path of every complete shard in `out`, whichever rank wrote it."""
+    """Shard index → path of every finished shard in `out` (its tar and its index both exist), whichever rank
+    wrote it."""
     found: dict[int, Path] = {}
     for path in sorted(out.glob("shard-r*-*.tar")):
         match = SHARD_PATTERN.fullmatch(path.name)
-        if not match:
+        if not match or not index_path(path).is_file():
             continue
         index = int(match.group(2))
         if index in found:
@@ -71,21 +69,6 @@ def finished_shards(out: Path) -> dict[int, Path]:
                                   "jobs writing to the same folder; delete one of them")
         found[index] = path
     return found
-
-
-def check_dataset_info(out: Path, settings: dict[str, Any]) -> None:
-    """Record the settings that define the samples in `out/dataset.json`; refuse to add shards made otherwise."""
-    settings = json.loads(json.dumps(settings))  # compare as stored (tuples → lists)
-    path = out / DATASET_INFO
-    if path.is_file():
-        stored = json.loads(path.read_text())
-        differing = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
-        if differing:
-            changes = ", ".join(f"{k}: {stored.get(k)!r} → {settings.get(k)!r}" for k in differing)
-            raise ValueError(f"{out} already holds shards made with other settings ({changes}); write to a new "
-                             "output folder, or rerun with the settings stored in " + str(path))
-    else:
-        save_json(settings, path)
 
 
 def write_shards(out: Path, plan: ShardPlan, rank: Rank, make_samples: Callable[[range], Iterable[dict]],
@@ -108,17 +91,19 @@ def write_shards(out: Path, plan: ShardPlan, rank: Rank, make_samples: Callable[
 
 
 def write_shard(path: Path, shard: int, indices: range, samples: Iterable[dict]) -> None:
-    """Write one shard under a temporary name with its index file, then rename it to `path`."""
+    """Write one shard under a temporary name and rename it to `path`, then its index the same way: an index
+    under its final name means the tar is complete."""
+    keys = []
+
     def write(tmp: str) -> None:
-        keys = []
         with wds.TarWriter(tmp, encoder=False, mtime=0) as tar:  # fixed mtime: same samples, same bytes
             for sample in samples:
                 tar.write(sample)
                 keys.append(sample["__key__"])
-        save_json({"shard": shard, "first": indices.start, "stop": indices.stop, "samples": len(keys),
-                   "keys": keys, "bytes": os.path.getsize(tmp)}, index_path(path))
 
     atomic_write(path, write)
+    save_json({"shard": shard, "first": indices.start, "stop": indices.stop, "samples": len(keys), "keys": keys,
+               "bytes": path.stat().st_size}, index_path(path))
 
 
 def chunks(indices: range, size: int) -> Iterator[range]:
@@ -128,8 +113,9 @@ def chunks(indices: range, size: int) -> Iterator[range]:
 
 
 def remove_partial(out: Path, shard: int) -> None:
-    """Delete what a killed writer of `shard` left behind (temporary files named `.<final name>.*`)."""
-    for stale in out.glob(f".shard-r*-{shard:06d}.*"):
+    """Delete what a killed writer of the unfinished `shard` left behind: temporary files (`.<final name>.*`) and
+    a tar without its index or an index without its tar, from any rank."""
+    for stale in [*out.glob(f".shard-r*-{shard:06d}.*"), *out.glob(f"shard-r*-{shard:06d}.*")]:
         log.info("removing a partial shard left by an interrupted run: %s", stale.name)
         stale.unlink()
 

@@ -16,18 +16,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from eval.fid_inception import InceptionFeatures, file_sha256, load_fid_inception
+from eval.fid_inception import InceptionFeatures, load_fid_inception
 from eval.fid_metrics import frechet_distance, gaussian_stats, inception_score, precision_recall
 from eval.fid_npz import IMAGES_KEY, iter_npz_batches, npz_array_shape
-from eval.fid_sampling import SamplingSettings, check_settings, pack_if_complete, sample_chunks
+from eval.fid_sampling import (
+    SAMPLES_FILE,
+    SETTINGS_FILE,
+    SamplingSettings,
+    missing_chunks,
+    pack_if_complete,
+    sample_chunks,
+)
+from eval.rank_wait import wait_for
 from eval.sample import load_dit, parse_overrides
-from models.files import save_json
+from models.files import check_or_record, file_sha256, save_json, save_text
+from models.pretrained import model_sha256
 from models.runtime import Rank, parse_dtype, pick_device, setup_logging
+from models.tables import markdown_table
 from models.vae import LatentVAE
 
 log = logging.getLogger("fid")
@@ -55,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     sample.add_argument("--device", default="auto")
     sample.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    sample.add_argument("--rank-wait", type=float, default=6 * 3600,
+                        help="seconds rank 0 waits for the other ranks' chunks before packing")
 
     score = sub.add_parser("score", help="FID, sFID, IS, precision and recall of samples.npz")
     score.add_argument("--samples", type=Path, required=True, help="ADM-format .npz (arr_0 uint8 N×H×W×3)")
@@ -69,19 +82,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_sample(args: argparse.Namespace) -> Path | None:
-    """Draw this rank's chunks; pack samples.npz when every chunk exists."""
+    """Draw this rank's chunks; rank 0 then waits for the other ranks' chunks and packs samples.npz."""
     rank = Rank.from_env()
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
-    model = load_dit(args.ckpt, args.preset, args.graft, parse_overrides(args.arch), dtype).to(device)
+    arch = parse_overrides(args.arch)
+    model = load_dit(args.ckpt, args.preset, args.graft, arch, dtype).to(device)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     settings = SamplingSettings(
-        checkpoint=str(args.ckpt.resolve()), graft=str(args.graft.resolve()) if args.graft else None,
+        checkpoint=str(args.ckpt.resolve()), checkpoint_sha256=model_sha256(args.ckpt, "transformer"),
+        graft=str(args.graft.resolve()) if args.graft else None,
+        graft_sha256=file_sha256(args.graft) if args.graft else None, preset=args.preset, arch=arch,
+        vae_sha256=model_sha256(args.vae, "vae"),
         num_samples=args.num_samples, num_classes=model.config.num_classes,
         image_size=model.config.input_size * vae.downsample, steps=args.steps, cfg_scale=args.cfg,
         guidance_channels=None if args.guide_all_channels else 3, seed=args.seed, chunk_size=args.chunk_size,
         dtype=args.dtype)
-    check_settings(args.out, settings)
+    check_or_record(args.out / SETTINGS_FILE, asdict(settings), "FID samples")
     sample_chunks(model, vae, settings, args.out, args.batch_size, device, rank)
+    if rank.rank != 0:
+        log.info("rank %d: its chunks are done; rank 0 packs %s once every chunk exists", rank.rank,
+                 args.out / SAMPLES_FILE)
+        return None
+    if rank.world_size > 1:
+        wait_for(lambda: missing_chunks(args.out, settings), args.rank_wait, "chunks",
+                 "Rerun this command (any world size) later to pack them: finished chunks are not drawn again")
     return pack_if_complete(args.out, settings)
 
 
@@ -132,23 +156,22 @@ def run_score(args: argparse.Namespace) -> dict:
     }
     out = args.out or args.samples.with_name("fid_results.json")
     save_json(results, out)
-    table = markdown_table(metrics, int(shape[0]))
-    out.with_suffix(".md").write_text(table + "\n")
+    headers, row = metrics_row(metrics, int(shape[0]))
+    table = markdown_table(headers, [row], align="r" * len(headers))
+    save_text(table + "\n", out.with_suffix(".md"))
     print(table)
     log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return results
 
 
-def markdown_table(metrics: dict[str, float], num_samples: int) -> str:
-    """One row of the paper-style table (FID, sFID, IS, precision, recall)."""
+def metrics_row(metrics: dict[str, float], num_samples: int) -> tuple[list[str], list[float | int]]:
+    """Headers and the one row of the paper-style table (FID, sFID, IS, precision, recall)."""
     names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
     shown = [k for k in names if k in metrics]
-    return "\n".join([f"| samples | {' | '.join(names[k] for k in shown)} |",
-                      "|---:|" + "---:|" * len(shown),
-                      f"| {num_samples} | {' | '.join(f'{metrics[k]:.4g}' for k in shown)} |"])
+    return ["samples"] + [names[k] for k in shown], [num_samples] + [float(metrics[k]) for k in shown]
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> Path | None | dict:
     args = parse_args(argv)
     setup_logging(Rank.from_env().rank)
     return run_sample(args) if args.command == "sample" else run_score(args)

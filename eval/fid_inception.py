@@ -16,8 +16,6 @@ Outputs, per image:
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -102,15 +100,6 @@ def build_fid_inception() -> Inception3:
     for name, make in FID_POOLS.items():
         setattr(net, name, make())
     return net.eval().requires_grad_(False)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex digest of a file, recorded with every score so the weights used can be checked later."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_fid_inception(path: str | Path) -> Inception3:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -67,14 +68,14 @@ def iter_npz_batches(path: str | Path, batch_size: int, key: str = IMAGES_KEY) -
             yield np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
 
 
-def _open_member(archive: zipfile.ZipFile, path: str | Path, key: str):
+def _open_member(archive: zipfile.ZipFile, path: str | Path, key: str) -> IO[bytes]:
     name = f"{key}.npy"
     if name not in archive.namelist():
         raise KeyError(f"{path}: no array {key!r}; it holds {[n.removesuffix('.npy') for n in archive.namelist()]}")
     return archive.open(name)
 
 
-def _read_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_header(member: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(member)
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = reader(member)

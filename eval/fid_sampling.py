@@ -3,14 +3,15 @@
 Sample i has class i mod num_classes and seed `seed + i`. Its initial noise and its DDPM step noise come from CPU
 generators seeded from that seed alone, so a sample is the same whatever batch, chunk, rank or world size draws it.
 Samples are written in chunks of fixed index ranges (`chunks/000123.npz`, atomically); rank r of W takes chunks
-r, r + W, …; finished chunks are skipped on a rerun. Whichever rank finds every chunk present packs them.
+r, r + W, …; finished chunks are skipped on a rerun. Rank 0 alone packs them, once every chunk exists, and only when
+`samples.npz` is missing, of another shape, or older than some chunk.
 """
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from eval.fid_npz import LABELS_KEY, npz_array_shape, write_npz_streaming
 from models.dit import DiT
-from models.files import atomic_write, save_json
+from models.files import atomic_write
 from models.runtime import Rank
 from models.sampling import sample_dit, seeded_noise, to_uint8
 from models.vae import LatentVAE
@@ -27,14 +28,21 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "sampling.json"
 SAMPLES_FILE = "samples.npz"
+CHUNK_IMAGES = "images"  # chunk members: images, labels, seeds
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Everything that determines the samples; stored beside the chunks so a resumed run cannot mix settings."""
+    """Everything that determines the samples; stored beside the chunks so a resumed run cannot mix settings.
+    Model files are recorded by content (sha256), with the paths they were read from."""
 
     checkpoint: str
+    checkpoint_sha256: str
     graft: str | None
+    graft_sha256: str | None
+    preset: str | None
+    arch: dict[str, Any]
+    vae_sha256: str
     num_samples: int
     num_classes: int
     image_size: int
@@ -64,20 +72,6 @@ class SamplingSettings:
         return index % self.num_classes
 
 
-def check_settings(out: Path, settings: SamplingSettings) -> None:
-    """Record the settings on the first run; on a rerun refuse any that differ from the recorded ones."""
-    path = out / SETTINGS_FILE
-    current = asdict(settings)
-    if path.is_file():
-        recorded = json.loads(path.read_text())
-        changed = {k: (recorded.get(k), v) for k, v in current.items() if recorded.get(k) != v}
-        if changed:
-            raise ValueError(f"{out} holds samples drawn with other settings (recorded, now): {changed}; "
-                             "use a new --out folder or the recorded settings")
-    else:
-        save_json(current, path)
-
-
 def chunk_path(out: Path, chunk: int) -> Path:
     return out / "chunks" / f"{chunk:06d}.npz"
 
@@ -85,7 +79,7 @@ def chunk_path(out: Path, chunk: int) -> Path:
 def chunk_is_complete(path: Path, size: int, image_size: int) -> bool:
     """A chunk file that exists and holds `size` images of the expected size (read from the header; writes are
     atomic, so an existing file is whole)."""
-    return path.is_file() and npz_array_shape(path, "images")[0] == (size, image_size, image_size, 3)
+    return path.is_file() and npz_array_shape(path, CHUNK_IMAGES)[0] == (size, image_size, image_size, 3)
 
 
 def sample_images(model: DiT, vae: LatentVAE, settings: SamplingSettings, indexes: list[int],
@@ -114,7 +108,8 @@ def sample_chunks(model: DiT, vae: LatentVAE, settings: SamplingSettings, out: P
                                  for i in range(0, len(indexes), batch_size)])
         labels = np.array([settings.label(i) for i in indexes], dtype=np.int64)
         seeds = np.array([settings.seed + i for i in indexes], dtype=np.int64)
-        atomic_write(chunk_path(out, chunk), lambda tmp: _save_npz(tmp, images=images, labels=labels, seeds=seeds))
+        atomic_write(chunk_path(out, chunk),
+                     lambda tmp: _save_npz(tmp, **{CHUNK_IMAGES: images, "labels": labels, "seeds": seeds}))
     return len(todo)
 
 
@@ -123,23 +118,46 @@ def _save_npz(path: str, **arrays: np.ndarray) -> None:
         np.savez(f, **arrays)
 
 
+def missing_chunks(out: Path, settings: SamplingSettings) -> list[Path]:
+    """Chunk files not (yet) on disk with their full size."""
+    paths = [chunk_path(out, c) for c in range(settings.num_chunks)]
+    return [p for c, p in enumerate(paths)
+            if not chunk_is_complete(p, len(settings.chunk_indexes(c)), settings.image_size)]
+
+
+def samples_shape(settings: SamplingSettings) -> tuple[int, int, int, int]:
+    """Shape of the packed `arr_0`: (N, H, W, 3)."""
+    return settings.num_samples, settings.image_size, settings.image_size, 3
+
+
+def is_packed(out: Path, settings: SamplingSettings) -> bool:
+    """`samples.npz` exists with the expected shape and no chunk is newer (a lost chunk redrawn since is)."""
+    path = out / SAMPLES_FILE
+    if not path.is_file() or npz_array_shape(path)[0] != samples_shape(settings):
+        return False
+    packed_at = path.stat().st_mtime_ns
+    return all(chunk_path(out, c).stat().st_mtime_ns <= packed_at for c in range(settings.num_chunks))
+
+
 def pack_if_complete(out: Path, settings: SamplingSettings) -> Path | None:
-    """Stream every chunk into `samples.npz` (`arr_0` images, `arr_1` labels) once all exist; else None."""
-    missing = [c for c in range(settings.num_chunks)
-               if not chunk_is_complete(chunk_path(out, c), len(settings.chunk_indexes(c)), settings.image_size)]
+    """Stream every chunk into `samples.npz` (`arr_0` images, `arr_1` labels) once all exist; else None. An
+    up-to-date `samples.npz` is not written again."""
+    missing = missing_chunks(out, settings)
     if missing:
         log.info("%d of %d chunks still missing (drawn by other ranks or a later run); not packing yet",
                  len(missing), settings.num_chunks)
         return None
+    path = out / SAMPLES_FILE
+    if is_packed(out, settings):
+        log.info("%s is up to date with the %d chunks; not packing again", path, settings.num_chunks)
+        return path
 
     def parts():
         for chunk in range(settings.num_chunks):
             with np.load(chunk_path(out, chunk)) as data:
-                yield data["images"]
+                yield data[CHUNK_IMAGES]
 
-    path = out / SAMPLES_FILE
     labels = np.array([settings.label(i) for i in range(settings.num_samples)], dtype=np.int64)
-    shape = (settings.num_samples, settings.image_size, settings.image_size, 3)
-    write_npz_streaming(path, shape, np.uint8, parts(), extra={LABELS_KEY: labels})
+    write_npz_streaming(path, samples_shape(settings), np.uint8, parts(), extra={LABELS_KEY: labels})
     log.info("packed %d samples → %s", settings.num_samples, path)
     return path

@@ -16,7 +16,6 @@ import json
 import logging
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,16 +42,16 @@ from eval.geneval_prompts import (
     read_metadata,
     read_object_names,
     select_prompts,
-    sha256_of,
 )
 from eval.geneval_report import write_grid, write_results, write_scores, write_summary
 from eval.geneval_rules import ScoringOptions
 from eval.geneval_scoring import prompt_agnostic_baseline, score_image, summarize
+from eval.rank_wait import wait_for
+from models.files import file_sha256
 from models.runtime import Rank, parse_dtype, pick_device, setup_logging
 from models.sampling import TextToImage
 
 log = logging.getLogger("geneval")
-POLL_SECONDS = 10
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -162,18 +161,8 @@ def run_generation(args: argparse.Namespace, images_dir: Path, rank: Rank) -> No
     written = generate(load_pipe, prompts, images_dir, settings, args.batch_size, rank)
     log.info("rank %d wrote %d images to %s", rank.rank, written, images_dir)
     if rank.world_size > 1 and rank.rank == 0 and args.stage == "all":
-        wait_for(lambda: missing_images(prompts, images_dir, args.samples_per_prompt), args.rank_wait)
-
-
-def wait_for(missing, timeout: float) -> None:
-    """Poll until `missing()` is empty: the other ranks write their images atomically, so existing means done."""
-    deadline = time.monotonic() + timeout
-    while paths := missing():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(paths)} images still missing after {timeout:.0f} s (e.g. {paths[0]}): are the "
-                               "other ranks still running? Score later with --stage score")
-        log.info("waiting for %d images from other ranks", len(paths))
-        time.sleep(POLL_SECONDS)
+        wait_for(lambda: missing_images(prompts, images_dir, args.samples_per_prompt), args.rank_wait, "images",
+                 "Score later with --stage score")
 
 
 def _recorded_generation(images_dir: Path) -> dict | None:
@@ -195,7 +184,7 @@ def run_detection(args: argparse.Namespace, images_dir: Path, options: ScoringOp
     detector = build_detector(args, class_names, device, storage_threshold(options))
     classifier: ColorClassifier = ClipColorClassifier.from_path(args.clip, device)
     detections = detect_images(images, detector, classifier, options)
-    run = {**run, "object_names_sha256": sha256_of(names_file), "scoring_options": options.to_dict(),
+    run = {**run, "object_names_sha256": file_sha256(names_file), "scoring_options": options.to_dict(),
            "detector": detector.info, "color_classifier": classifier.info}
     save_detections(args.out / "detections.json", detections, options, run)
     return detections, run

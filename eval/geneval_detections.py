@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from eval.geneval_colors import object_crop
 from eval.geneval_layout import GeneratedImage
 from eval.geneval_rules import Detection, ScoringOptions, filter_detections
-from models.files import atomic_write
+from models.files import save_text
 
 FORMAT = "grafting-geneval-detections/1"
 
@@ -99,7 +99,7 @@ def save_detections(path: Path, detections: Sequence[ImageDetections], options: 
                            for name, dets in d.objects.items()}}
               for d in detections]
     text = json.dumps({**header, "images": images}, indent=1) + "\n"  # key order kept: `metadata` strings must match
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    save_text(text, path)
 
 
 def load_detections(path: str | Path, options: ScoringOptions) -> tuple[list[ImageDetections], dict]:

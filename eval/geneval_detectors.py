@@ -139,7 +139,8 @@ def _warn_on_label_mismatch(id2label: dict, class_names: list[str]) -> None:
                     "instance model with the standard class order?", len(differ), differ[:3])
 
 
-def from_mmdet_result(result, class_names: Sequence[str]) -> dict[str, list[Detection]]:
+def from_mmdet_result(result: Sequence[np.ndarray] | tuple[Sequence[np.ndarray], Sequence[Sequence[np.ndarray]]],
+                      class_names: Sequence[str]) -> dict[str, list[Detection]]:
     """mmdet 2.x `inference_detector` output, (bbox[num_classes], segm[num_classes]) or bbox alone → detections."""
     bbox = result[0] if isinstance(result, tuple) else result
     segm = result[1] if isinstance(result, tuple) and len(result) > 1 else None

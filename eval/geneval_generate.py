@@ -2,26 +2,23 @@
 
 Sample j of every prompt uses seed + j, like the reference generator, which reseeds 42 before each prompt. Work is
 split across ranks by prompt, in fixed batches; a batch whose files all exist is skipped, any other batch is
-generated whole (only its missing files are written), so a restarted run computes exactly what an uninterrupted
-one would have.
+generated whole (only its missing files are written), so a restarted run with the same batch size and world size
+computes exactly what an uninterrupted one would have.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from eval.geneval_layout import sample_path, write_metadata
 from eval.geneval_prompts import Prompt
-from models.files import atomic_write, save_json
+from models.files import check_or_record
 from models.runtime import Rank
-from models.sampling import TextToImage, to_uint8
+from models.sampling import TextToImage, save_png, to_uint8
 
 log = logging.getLogger(__name__)
 SETTINGS_FILE = "generation.json"  # in the image folder; the official evaluator ignores non-digit entries
@@ -29,7 +26,9 @@ SETTINGS_FILE = "generation.json"  # in the image folder; the official evaluator
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything that decides the pixels of a sample (batch size and device aside)."""
+    """Everything that decides the pixels of a sample (batch size and device aside). A size of None is the model's
+    default, filled in once the model is loaded; `world_size` (which decides the batches, as the batch size does)
+    is filled in by `generate` from its rank."""
 
     ckpt: str
     pipeline: str
@@ -43,6 +42,7 @@ class GenerationSettings:
     height: int | None
     width: int | None
     dtype: str
+    world_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,18 +61,10 @@ def plan_samples(prompts: Sequence[Prompt], images_dir: Path, samples_per_prompt
 
 
 def check_settings(images_dir: Path, settings: GenerationSettings) -> None:
-    """Record the settings next to the images; refuse to add to a folder made with other settings. A size of None
-    (the model's default, not known before the model is loaded) is not compared."""
-    path = images_dir / SETTINGS_FILE
-    if path.is_file():
-        existing = json.loads(path.read_text(encoding="utf-8"))
-        differ = {k: (existing.get(k), v) for k, v in asdict(settings).items()
-                  if existing.get(k) != v and not (k in ("height", "width") and v is None)}
-        if differ:
-            raise ValueError(f"{images_dir} holds images generated with other settings ({{name: (recorded, now)}}: "
-                             f"{differ}). Use another --out, or delete that folder to start over")
-    else:
-        save_json(asdict(settings), path)
+    """Record the settings next to the images; refuse to add to a folder made with other settings. Unset (None)
+    size and world size are not compared."""
+    check_or_record(images_dir / SETTINGS_FILE, asdict(settings), "images",
+                    ignore_unset=("height", "width", "world_size"))
 
 
 def generate(load_pipe: Callable[[], TextToImage], prompts: Sequence[Prompt], images_dir: Path,
@@ -88,11 +80,12 @@ def generate(load_pipe: Callable[[], TextToImage], prompts: Sequence[Prompt], im
     log.info("rank %d: %d prompts, %d images, %d of %d batches to generate", rank.rank, len(mine), len(jobs),
              len(todo), len(batches))
     if not todo and (images_dir / SETTINGS_FILE).is_file():
-        check_settings(images_dir, settings)
+        check_settings(images_dir, replace(settings, world_size=None))  # nothing to generate: no pixel depends on it
         return 0
     pipe = load_pipe()
     side = pipe.transformer.config.sample_size * pipe.vae.downsample
-    settings = replace(settings, height=settings.height or side, width=settings.width or side)
+    settings = replace(settings, height=settings.height or side, width=settings.width or side,
+                       world_size=rank.world_size)
     check_settings(images_dir, settings)
     written = 0
     for batch in tqdm(todo, desc="generating", disable=not progress):
@@ -100,14 +93,9 @@ def generate(load_pipe: Callable[[], TextToImage], prompts: Sequence[Prompt], im
                          settings.steps, settings.cfg_scale, settings.negative_prompt, progress=False)
         for job, image in zip(batch, to_uint8(images)):
             if not job.path.is_file():
-                write_png(image, job.path)
+                save_png(image, job.path)
                 written += 1
     return written
-
-
-def write_png(image: torch.Tensor, path: Path) -> None:
-    """Atomically write one (H, W, 3) uint8 image: a killed run leaves no truncated PNG behind to be skipped."""
-    atomic_write(path, lambda tmp: Image.fromarray(image.numpy()).save(tmp, format="PNG"))
 
 
 def missing_images(prompts: Sequence[Prompt], images_dir: Path, samples_per_prompt: int) -> list[Path]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.files import atomic_write
+from models.files import save_text
 
 SAMPLE_NAME = re.compile(r"(\d+)\.png")  # re.match: a prefix match, as upstream
 
@@ -28,7 +28,7 @@ def write_metadata(images_dir: Path, index: int, record: dict) -> None:
     path = prompt_folder(images_dir, index) / "metadata.jsonl"
     text = json.dumps(record) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        save_text(text, path)
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,16 @@ The repo does not ship GenEval's files; a pinned hash makes every run score the 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
-from models.files import atomic_write
+from data.prompts import read_jsonl
+from models.files import atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grafting" / "geneval"
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: Path, expected: str) -> Path:
     """`path`, after checking it is the pinned official file."""
-    got = sha256_of(path)
+    got = file_sha256(path)
     if got != expected:
         raise ValueError(f"{path}: sha256 {got} does not match the official GenEval file ({expected}). Pass the "
                          "unmodified file from djghosh13/geneval/prompts/, or delete this copy so it is fetched again")
@@ -70,21 +62,14 @@ def official_file(spec: tuple[str, str, str], local: str | Path | None = None,
     return verify_sha256(target, sha)
 
 
-def _copy_stream(stream, path: str) -> None:
+def _copy_stream(stream: BinaryIO, path: str) -> None:
     with open(path, "wb") as f:
         shutil.copyfileobj(stream, f)
 
 
 def read_metadata(path: str | Path) -> list[dict]:
     """The prompt records of an evaluation_metadata.jsonl, in file order (index = line number from 0)."""
-    records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
-    return records
+    return [record for _, record in read_jsonl(path)]
 
 
 def read_object_names(path: str | Path) -> list[str]:

@@ -11,8 +11,9 @@ import torch
 from PIL import Image, ImageOps
 
 from eval.geneval_scoring import RESULT_FIELDS, Summary
-from models.files import atomic_write
-from models.sampling import image_grid
+from models.files import save_text
+from models.sampling import image_grid, save_png
+from models.tables import markdown_table
 
 log = logging.getLogger(__name__)
 GRID_PROMPTS_PER_TAG = 2
@@ -21,37 +22,38 @@ FRAME = 4  # pixels of green (correct) or red (wrong) around each grid tile
 
 def write_results(rows: Sequence[dict], path: Path) -> None:
     """One JSON object per image with the official fields; `metadata` and `details` are JSON strings."""
-    _write_text(path, "".join(json.dumps({k: row[k] for k in RESULT_FIELDS}) + "\n" for row in rows))
+    save_text("".join(json.dumps({k: row[k] for k in RESULT_FIELDS}) + "\n" for row in rows), path)
 
 
 def write_scores(summary: Summary, run: dict, path: Path) -> None:
     """The summary's numbers and the run settings as JSON, tags in the paper's order."""
-    _write_text(path, json.dumps({**summary.to_dict(), "run": run}, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    save_text(json.dumps({**summary.to_dict(), "run": run}, indent=2) + "\n", path)
 
 
 def write_summary(summary: Summary, run: dict, path: Path) -> None:
     """A Markdown page: tag table, overall score, totals, then every setting of the run."""
     baseline = summary.overall_baseline
     overall = f"**Overall: {summary.overall:.5f}** (mean of {len(summary.tags)} tag means)"
-    header, rule = "| tag | images | correct | score |", "|---|---:|---:|---:|"
+    headers = ["tag", "images", "correct", "score"]
     if baseline is not None:
         overall += f"; prompt-agnostic baseline {baseline:.5f}"
-        header, rule = header + " prompt-agnostic baseline |", rule + "---:|"
-    lines = ["# GenEval", "", overall, "", header, rule]
-    for tag, t in summary.tags.items():
-        lines.append(f"| {tag} | {t.images} | {t.correct} | {t.score:.4f} |"
-                     + (f" {t.baseline:.4f} |" if baseline is not None else ""))
+        headers.append("prompt-agnostic baseline")
+    table = markdown_table(headers, tag_rows(summary), align="l" + "r" * (len(headers) - 1))
+    lines = ["# GenEval", "", overall, "", table]
     lines += ["", f"Images: {summary.images}; prompts: {summary.prompts}; correct images: "
               f"{summary.image_accuracy:.2%}; prompts with at least one correct image: {summary.prompt_accuracy:.2%}."]
     if baseline is not None:
         lines += ["", "The baseline scores every image against every prompt of its tag: what a model that ignores "
                   "its prompt but draws the same kind of images would score."]
     lines += ["", "## Run settings", "", *_settings_lines(run)]
-    _write_text(path, "\n".join(lines) + "\n")
+    save_text("\n".join(lines) + "\n", path)
+
+
+def tag_rows(summary: Summary) -> list[list]:
+    """A table row per tag: images, correct images, score, and the prompt-agnostic baseline when it was computed."""
+    with_baseline = summary.overall_baseline is not None
+    return [[tag, t.images, t.correct, f"{t.score:.4f}"] + ([f"{t.baseline:.4f}"] if with_baseline else [])
+            for tag, t in summary.tags.items()]
 
 
 def _settings_lines(run: dict, depth: int = 0) -> list[str]:
@@ -89,7 +91,7 @@ def write_grid(rows: Sequence[dict], path: Path) -> bool:
         for i in range(columns):
             tiles.append(_tile(samples[i], size) if i < len(samples) else Image.new("RGB", _framed(size), "white"))
     grid = image_grid(torch.stack([torch.from_numpy(np.array(t)) for t in tiles]), columns=columns)
-    atomic_write(path, lambda tmp: Image.fromarray(grid.numpy()).save(tmp, format="PNG"))
+    save_png(grid, path)
     return True
 
 

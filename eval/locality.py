@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.prompts import read_prompts
-from eval.sample import load_dit, parse_overrides
-from models.files import save_json
+from eval.sample import DIT_SAMPLE_CLASSES, load_dit, parse_overrides
+from models.files import atomic_write, save_json, save_text
 from models.graft import GraftSpec
 from models.operators.attention import MultiHeadAttention
 from models.pixart import PixArtSigma
 from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import sample_dit, sample_pixart, seeded_noise
+from models.tables import markdown_table
 from models.text_encoder import T5TextEncoder
 
 matplotlib.use("Agg")
@@ -118,8 +120,8 @@ class LocalityMeter:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, layer: int):
-        def hook(module: MultiHeadAttention, args: tuple, _output) -> None:
+    def _hook(self, layer: int) -> Callable[[MultiHeadAttention, tuple, object], None]:
+        def hook(module: MultiHeadAttention, args: tuple, _output: object) -> None:
             x, hw = args[0], args[1] if len(args) > 1 else None
             if hw is None:
                 raise ValueError(f"blocks[{layer}].attn was called without its token grid (h, w)")
@@ -158,18 +160,12 @@ def suggest_graft(shares: dict[int, dict[str, list[float]]], ks: list[int], dept
     return spec, ranked
 
 
-def markdown_table(result: dict) -> str:
-    """One row per layer (suggested layers marked *), the uniform chance level last."""
-    ks = result["ks"]
-    header = [f"{m}-{k}" for m in MEASURES for k in ks]
-    lines = [f"| layer | {' | '.join(header)} |", "|---|" + "---:|" * len(header)]
+def share_rows(result: dict) -> list[list[str]]:
+    """A table row per layer (suggested layers marked *), the uniform chance level last."""
     suggested = set(result["suggested_layers"])
-    for layer, values in result["layers"].items():
-        cells = [f"{v:.3f}" for m in MEASURES for v in values[m]]
-        lines.append(f"| {layer}{' *' if int(layer) in suggested else ''} | {' | '.join(cells)} |")
-    chance = [f"{v:.3f}" for m in MEASURES for v in result["uniform"][m]]
-    lines.append(f"| uniform | {' | '.join(chance)} |")
-    return "\n".join(lines)
+    rows = [[f"{layer}{' *' if int(layer) in suggested else ''}", *(f"{v:.3f}" for m in MEASURES for v in values[m])]
+            for layer, values in result["layers"].items()]
+    return rows + [["uniform", *(f"{v:.3f}" for m in MEASURES for v in result["uniform"][m])]]
 
 
 def plot_locality(result: dict, path: Path) -> None:
@@ -187,9 +183,10 @@ def plot_locality(result: dict, path: Path) -> None:
     axes[0].set_ylabel("share (dotted: uniform attention)")
     fig.suptitle(f"{result['model']}: attention locality, {result['grid'][0]}×{result['grid'][1]} tokens")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dit.add_argument("--preset")
     dit.add_argument("--graft", type=Path)
     dit.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE")
-    dit.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279])
+    dit.add_argument("--classes", type=int, nargs="+", default=list(DIT_SAMPLE_CLASSES))
     dit.add_argument("--steps", type=int, default=50, help="DDPM steps: the timesteps averaged over")
     dit.add_argument("--cfg", type=float, default=1.5)
 
@@ -283,8 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     save_json(result, args.out / "locality.json")
-    table = markdown_table(result)
-    (args.out / "locality.md").write_text(table + "\n")
+    headers = ["layer"] + [f"{m}-{k}" for m in MEASURES for k in ks]
+    table = markdown_table(headers, share_rows(result), align="l" + "r" * (len(headers) - 1))
+    save_text(table + "\n", args.out / "locality.md")
     plot_locality(result, args.out / "locality.png")
     spec.save_yaml(args.out / "suggested_graft.yaml")
     print(table)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from data.prompts import read_prompts
 from models.dit import DiT
+from models.files import save_text
 from models.graft import GraftSpec
 from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import TextToImage, image_grid, sample_dit, save_png, seeded_noise, to_uint8
@@ -30,6 +31,7 @@ from models.vae import LatentVAE
 
 log = logging.getLogger("sample")
 GRID_MAX = 64  # images shown in grid.png
+DIT_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the DiT paper's sample classes
 DEMO_PROMPTS = ["a red circle above a blue square", "two yellow triangles", "a photo of a cat next to a tree",
                 "a green apple on the left of a cup"]
 
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dit.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
     dit.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE", help="architecture overrides")
     dit.add_argument("--vae", type=Path, required=True, help="sd-vae-ft-ema / ft-mse folder")
-    dit.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
+    dit.add_argument("--classes", type=int, nargs="+", default=list(DIT_SAMPLE_CLASSES),
                      help="ImageNet class ids (default: the DiT paper's sample classes)")
     dit.add_argument("--steps", type=int, default=250)
     dit.add_argument("--cfg", type=float, default=4.0, help="4.0 for visuals, 1.5 for FID")
@@ -150,7 +152,7 @@ class SampleWriter:
 
     def close(self) -> None:
         save_png(image_grid(torch.stack(self.grid)), self.out / "grid.png")
-        (self.out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        save_text("".join(json.dumps(r) + "\n" for r in self.records), self.out / "samples.jsonl")
 
 
 def main(argv: list[str] | None = None) -> None:

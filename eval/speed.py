@@ -32,11 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.flops import meta_forward_flops, pixart_forward_flops
-from models.files import save_json
+from models.files import save_json, save_text
 from models.graft import GraftSpec
 from models.pixart import PixArtConfig, PixArtSigma
 from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import sample_pixart
+from models.tables import markdown_table
 
 log = logging.getLogger("speed")
 
@@ -46,6 +47,7 @@ DEFAULT_GRAFT = {"grafts": [{"type": "mha", "name": "hyena_x", "config": {},
                              "layers": {"ratio": 0.5, "pattern": "interleaved"}}]}
 CAPTION_TOKENS = 300
 TIMESTEP = 500  # any timestep costs the same
+NOT_COMPARED = {"model_max_length"}  # T5's prompt length, not the transformer's; diffusers folders do not store it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +101,8 @@ def model_config(kind: str) -> PixArtConfig:
 
 def build_models(args: argparse.Namespace, config: PixArtConfig, device: torch.device, dtype: torch.dtype
                  ) -> tuple[PixArtSigma, PixArtSigma, GraftSpec]:
-    """Baseline and grafted transformer (sharing every weight that the graft does not replace)."""
+    """Baseline and grafted transformer: a deep copy of the baseline with the graft applied, or `--grafted-ckpt`
+    (which must have the baseline's config: FLOPs and inputs come from the baseline's)."""
     if args.model == "proxy" and (args.ckpt or args.grafted_ckpt):
         raise SystemExit("--ckpt / --grafted-ckpt need the full-size model (--model full, a GPU); the CPU proxy "
                          "has another width and runs random weights")
@@ -115,12 +118,23 @@ def build_models(args: argparse.Namespace, config: PixArtConfig, device: torch.d
         grafted = PixArtSigma.from_pretrained(args.grafted_ckpt, dtype=dtype).to(device)
         if grafted.graft is None:
             raise SystemExit(f"{args.grafted_ckpt} holds no graft.yaml; it is not a grafted export folder")
+        check_same_config(baseline.config, grafted.config, args.grafted_ckpt)
         return baseline, grafted, grafted.graft
     spec = GraftSpec.from_yaml(args.graft) if args.graft else GraftSpec.from_dict(DEFAULT_GRAFT)
     spec = spec.with_width(config.hidden_size)
     grafted = copy.deepcopy(baseline)
     spec.apply(grafted)
     return baseline, grafted, grafted.graft
+
+
+def check_same_config(baseline: PixArtConfig, grafted: PixArtConfig, where: Path) -> None:
+    """Refuse a grafted model of another architecture: its FLOPs and inputs would be the baseline's."""
+    ours, theirs = asdict(baseline), asdict(grafted)
+    differ = [f"{k}: {ours[k]!r} vs {theirs[k]!r}" for k in ours if k not in NOT_COMPARED and ours[k] != theirs[k]]
+    if differ:
+        raise SystemExit(f"{where} has another config than the baseline (baseline vs grafted: {'; '.join(differ)}); "
+                         f"pass the baseline it was grafted from as --ckpt (or none, for {FULL_PRESET} with random "
+                         "weights)")
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -239,17 +253,23 @@ def markdown_report(report: dict) -> str:
               f"({s['image_side']}² pixels), depth {s['depth']}, width {s['hidden_size']}, {s['weights']} weights; "
               f"medians over {s['repeats']} forward / {s['sampling_repeats']} sampling rounds "
               f"({s['steps']} steps, CFG {s['cfg']}: transformer batch {cfg_batch}).", "",
-              "| model | forward ms | speed-up | fwd TFLOP | TFLOP/s | sampling s | speed-up |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in report["rows"]:
-        fwd, smp = row["forward_median_s"], row["sampling_median_s"]
-        tflop = row["forward_flops"] / 1e12
-        sampling = f"{smp:.2f} | {row['sampling_speedup']:.2f}×" if smp else "– | –"
-        lines.append(f"| {row['name']} | {fwd * 1e3:.1f} | {row['forward_speedup']:.2f}× | {tflop:.3g} | "
-                     f"{tflop / fwd:.3g} | {sampling} |")
+              markdown_table(["model", "forward ms", "speed-up", "fwd TFLOP", "TFLOP/s", "sampling s", "speed-up"],
+                             timing_rows(report), align="lrrrrrr")]
     lines += ["", f"FLOP-bound speed-up (analytic forward FLOPs, baseline / grafted): "
                   f"**{report['flop_bound_speedup']:.2f}×**"]
     return "\n".join(lines)
+
+
+def timing_rows(report: dict) -> list[list[str]]:
+    """A table row per model: forward latency, FLOPs and rate, sampling latency, speed-ups over the baseline."""
+    rows = []
+    for row in report["rows"]:
+        fwd, smp = row["forward_median_s"], row["sampling_median_s"]
+        tflop = row["forward_flops"] / 1e12
+        sampling = [f"{smp:.2f}", f"{row['sampling_speedup']:.2f}×"] if smp else ["–", "–"]
+        rows.append([row["name"], f"{fwd * 1e3:.1f}", f"{row['forward_speedup']:.2f}×", f"{tflop:.3g}",
+                     f"{tflop / fwd:.3g}", *sampling])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -264,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = measure(args, kind, device, dtype)
     table = markdown_report(report)
     save_json(report, args.out / "speed.json")
-    (args.out / "speed.md").write_text(table + "\n")
+    save_text(table + "\n", args.out / "speed.md")
     print(table)
     log.info("wrote %s and %s", args.out / "speed.json", args.out / "speed.md")
     return report

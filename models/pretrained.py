@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from models.config import ConfigError, from_dict, to_dict
-from models.files import save_json
+from models.files import file_sha256, save_json
 from models.graft import GraftSpec
 from models.weights import (
     KeyMap,
@@ -29,6 +29,24 @@ GRAFT_FILE = "graft.yaml"
 def component_folder(root: Path, name: str) -> Path:
     """A diffusers pipeline keeps each component in a subfolder; a bare component folder is used as is."""
     return root / name if (root / name).is_dir() else root
+
+
+#: with the weights, these files decide what a model folder computes (tokenizer vocabularies included)
+DEFINING_SUFFIXES = {".safetensors", ".bin", ".pth", ".pt", ".json", ".yaml", ".model", ".txt"}
+
+
+def model_sha256(path: Path, *components: str) -> str:
+    """Content hash of a model: a checkpoint file itself, or the weight, config, graft and vocabulary files of a
+    pipeline's `components` (each its subfolder of `path`, or `path` itself for a bare component folder).
+    Recorded next to generated data so a restart with other weights is refused."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    files = {p for name in components or ("",) for p in component_folder(path, name).iterdir()
+             if p.is_file() and p.suffix in DEFINING_SUFFIXES}
+    if not files:
+        raise FileNotFoundError(f"{path}: no weight or config files of {' / '.join(components)} to hash")
+    return file_sha256(*sorted(files))
 
 
 class PretrainedModel(nn.Module):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from models.diffusion import ddpm_scheduler, pixart_scheduler, respaced_timesteps
 from models.dit import DiT
+from models.files import atomic_write
 from models.pixart import PixArtSigma
 from models.text_encoder import T5TextEncoder
 from models.vae import LatentVAE
@@ -94,9 +95,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
-    """Write one (H, W, 3) uint8 image."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.numpy()).save(path)
+    """Atomically write one (H, W, 3) uint8 image: a killed run leaves no truncated PNG to be mistaken for done."""
+    atomic_write(path, lambda tmp: Image.fromarray(image.numpy()).save(tmp, format="PNG"))
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None) -> torch.Tensor:

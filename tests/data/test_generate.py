@@ -15,10 +15,12 @@ import webdataset as wds
 from PIL import Image
 
 from data import generate
+from data.prompts import read_prompts
 from data.reader import ReaderConfig, ShardLoader
 from data.shard_writer import finished_shards
+from models.runtime import Rank
 from models.sampling import TextToImage, to_uint8
-from models.tiny import words_of, write_tiny_pipeline
+from models.tiny import build_tokenizer, build_vae, words_of, write_tiny_pipeline
 from tests.conftest import REPO
 
 PROMPTS = ["a red cat", "two blue dogs on the left", "a green tree next to a house", "the yellow car",
@@ -134,3 +136,22 @@ def test_ranks_split_the_shards_and_match_a_single_rank_run(prompts_file, refere
 def test_changed_settings_are_refused(prompts_file, reference):
     with pytest.raises(ValueError, match=r"steps: 2 → 3"):
         generate.main(run_args(prompts_file, reference, "--steps", "3"))
+
+
+def test_dataset_json_records_every_model_file_and_refuses_other_ones(prompts_file, reference, tmp_path):
+    recorded = json.loads((reference / "dataset.json").read_text())
+    assert len(recorded["text_encoder_sha256"]) == len(recorded["vae_sha256"]) == 64 and recorded["preset"] is None
+    pipeline = write_tiny_pipeline(tmp_path / "pipeline", words=words_of(PROMPTS))  # the same files as --tiny's
+
+    def rerun() -> list[Path]:
+        return generate.generate(read_prompts(prompts_file), reference, Rank(), pipeline, steps=STEPS,
+                                 shard_size=SHARD_SIZE, batch_size=BATCH, device="cpu")
+
+    assert rerun() == []  # same files: nothing changed, all shards finished
+    build_vae(seed=1).save_pretrained(pipeline / "vae")
+    with pytest.raises(ValueError, match="vae_sha256"):
+        rerun()
+    build_vae(seed=0).save_pretrained(pipeline / "vae")
+    build_tokenizer(words_of(PROMPTS) + ["zebra"]).save_pretrained(pipeline / "tokenizer")
+    with pytest.raises(ValueError, match=r"\(text_encoder_sha256: [^,]*\);"):  # the only change
+        rerun()

@@ -12,6 +12,7 @@ from data import precompute
 from data.image_prep import center_crop, load_square
 from data.reader import ReaderConfig, ShardLoader
 from models.text_encoder import T5TextEncoder
+from models.tiny import build_vae
 from models.vae import LatentVAE
 
 RES = 32
@@ -65,6 +66,30 @@ def test_class_folders_become_labelled_latent_shards(tmp_path, tiny_pipeline):
     flips, _ = read(out, flip=True, seed=1)
     assert any(not torch.equal(flips[k]["latent"], samples[k]["latent"]) for k in samples)
 
+    assert len(json.loads((out / "dataset.json").read_text())["vae_sha256"]) == 64
+    build_vae(seed=1).save_pretrained(tmp_path / "other_vae")  # same config and scaling, other weights
+    with pytest.raises(ValueError, match=r"\(vae_sha256: [^,]*\);"):
+        precompute.main(["images", "--images", str(images), "--vae", str(tmp_path / "other_vae"), "--out", str(out),
+                         "--resolution", str(RES), "--flip", "--shard-size", "3", "--batch-size", "2", "--seed", "5"])
+
+
+def test_images_need_class_folders_each_with_images(tmp_path):
+    flat = tmp_path / "flat"
+    write_png(flat / "0.png", 0, (32, 32))
+    with pytest.raises(ValueError, match="class subfolders, or use `pairs`"):
+        precompute.list_images(flat)
+    (flat / "0.png").unlink()
+    with pytest.raises(ValueError, match="no class folders"):
+        precompute.list_images(flat)
+    for name in ("cat", "dog"):
+        write_png(flat / name / "0.png", 0, (32, 32))
+    (flat / "bird").mkdir()  # sorts first: dropping it would shift every label
+    with pytest.raises(ValueError, match=r"without images: \['bird'\]"):
+        precompute.list_images(flat)
+    write_png(flat / "bird" / "0.png", 0, (32, 32))
+    items, classes = precompute.list_images(flat)
+    assert classes == ["bird", "cat", "dog"] and [i["label"] for i in items] == [0, 1, 2]
+
 
 @pytest.mark.parametrize("source", ["folder", "jsonl"])
 def test_image_caption_pairs_become_latent_and_t5_shards(tmp_path, tiny_pipeline, source):
@@ -93,3 +118,10 @@ def test_image_caption_pairs_become_latent_and_t5_shards(tmp_path, tiny_pipeline
         assert torch.equal(sample["text"][0, :n], features[k, :n].bfloat16())
         expected = vae.encode(load_square(pairs / f"{k}.png", RES)[None], sample=False)
         assert torch.equal(sample["latent"], expected.bfloat16())
+
+    recorded = json.loads((out / "dataset.json").read_text())
+    assert recorded["max_length"] == 300 and len(recorded["text_encoder_sha256"]) == 64
+    with pytest.raises(ValueError, match=r"\(max_length: 300 → 16\);"):
+        precompute.main(["pairs", "--pairs", str(given), "--vae", str(tiny_pipeline), "--text-encoder",
+                         str(tiny_pipeline), "--out", str(out), "--resolution", str(RES), "--latent", "mean",
+                         "--shard-size", "2", "--batch-size", "2", "--max-length", "16"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.reader import ReaderConfig, ShardLoader, training_batches
+from data.reader import ReaderConfig, ShardLoader, detect_kind, training_batches
 from data.sample_format import LATENT, LATENT_FLIP, TEXT, shard_sample
 from data.shard_writer import write_shard
 from models.runtime import Rank
@@ -122,6 +122,32 @@ def test_skip_counts_reach_the_main_process_from_workers(tmp_path):
     batches, loader = read_all(tmp_path, num_workers=2)
     assert sorted(k for b in batches for k in b["keys"]) == sorted(good)
     assert dict(loader.skipped) == EXPECTED_SKIPS
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_reader_counts_skips_as_an_uninterrupted_one(tmp_path, num_workers):
+    damaged_shards(tmp_path)
+    config = ReaderConfig(shards=[str(tmp_path)], batch_size=2, epochs=2, shuffle_buffer=3)
+    reference = list(ShardLoader(config, num_workers=num_workers))
+    for cut in range(1, len(reference)):
+        first = ShardLoader(config, num_workers=num_workers)
+        for n, _ in enumerate(first, start=1):
+            if n == cut:
+                break
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = ShardLoader(config, num_workers=num_workers, state=state)
+        rest = list(resumed)
+        assert [b["keys"] for b in rest] == [b["keys"] for b in reference[cut:]]
+        assert dict(resumed.skipped) == {k: 2 * v for k, v in EXPECTED_SKIPS.items()}, f"cut after {cut} batches"
+
+
+def test_kind_detection_warns_about_unreadable_shards(text_shards, tmp_path, caplog):
+    folder, _ = text_shards
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(b"not a tar")
+    with caplog.at_level(logging.WARNING, logger="data.reader"):
+        assert detect_kind([str(broken), *sorted(str(p) for p in folder.glob("*.tar"))]) == "text"
+    assert any("broken.tar" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("num_shards", [8, 7])  # 7: uneven over 4 slots, still exactly once

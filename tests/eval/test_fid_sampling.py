@@ -1,4 +1,5 @@
-"""FID sampling: class balance, per-sample seeds, rank sharding, resuming, and the ADM `.npz` format."""
+"""FID sampling: class balance, per-sample seeds, rank sharding, packing by rank 0, resuming, refusing mixed
+settings, and the ADM `.npz` format."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,13 +37,14 @@ def grafted_dit(tmp_path_factory):
                                      "layers": {"ratio": 0.5}}]}).apply(model)
     model.save_pretrained(folder / "model")
     build_vae().save_pretrained(folder / "vae")
+    build_vae(seed=1).save_pretrained(folder / "other-vae")
     return folder
 
 
-def sample(folder, out, *extra):
+def sample(folder, out, *extra, vae="vae"):
     from eval.fid import main
 
-    return main(["sample", "--ckpt", str(folder / "model"), "--vae", str(folder / "vae"), "--out", str(out),
+    return main(["sample", "--ckpt", str(folder / "model"), "--vae", str(folder / vae), "--out", str(out),
                  "--num-samples", "20", "--chunk-size", "8", "--steps", "3", "--device", "cpu", *extra])
 
 
@@ -50,16 +52,24 @@ def test_sampling_is_sharded_resumable_and_batch_independent(grafted_dit, tmp_pa
     out = tmp_path / "fid"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert sample(grafted_dit, out, "--batch-size", "4") is None  # chunks 0 and 2; chunk 1 is rank 1's
+    with pytest.raises(TimeoutError, match="1 chunks still missing"):  # rank 0 draws chunks 0 and 2, then waits
+        sample(grafted_dit, out, "--batch-size", "4", "--rank-wait", "0")
     assert sorted(p.name for p in (out / "chunks").iterdir()) == ["000000.npz", "000002.npz"]
     monkeypatch.setenv("RANK", "1")
-    packed = sample(grafted_dit, out, "--batch-size", "4")
+    assert sample(grafted_dit, out, "--batch-size", "4") is None  # draws chunk 1; packing is rank 0's
+    assert len(list((out / "chunks").iterdir())) == 3 and not (out / "samples.npz").exists()
+    monkeypatch.setenv("RANK", "0")
+    packed = sample(grafted_dit, out, "--batch-size", "4", "--rank-wait", "0")  # every chunk exists: packs
+    assert packed == out / "samples.npz"
     with np.load(packed) as data:
         images, labels = data["arr_0"], data["arr_1"]
     assert images.shape == (20, 64, 64, 3) and images.dtype == np.uint8
     assert labels.tolist() == [i % 10 for i in range(20)]  # 2 per class
     with np.load(out / "chunks" / "000002.npz") as chunk:
         assert chunk["seeds"].tolist() == list(range(16, 20))
+    packed_at = packed.stat().st_mtime_ns
+    assert sample(grafted_dit, out, "--batch-size", "4") == packed  # nothing to draw, nothing to pack again
+    assert packed.stat().st_mtime_ns == packed_at
 
     # Resume in one process with another batch size: only the missing chunk is drawn, and it comes out the same
     # (up to a rounding step of a few pixels: matmul kernels round differently for other batch sizes).
@@ -71,9 +81,14 @@ def test_sampling_is_sharded_resumable_and_batch_independent(grafted_dit, tmp_pa
         diff = np.abs(data["arr_0"].astype(int) - images.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert (out / "chunks" / "000000.npz").stat().st_mtime_ns == untouched
+    assert packed.stat().st_mtime_ns > packed_at  # packed again: chunk 1 is newer than the old samples.npz
 
     with pytest.raises(ValueError, match="cfg_scale"):
         sample(grafted_dit, out, "--cfg", "4.0")
+    with pytest.raises(ValueError, match="vae_sha256"):  # another decoder would mix its samples with these
+        sample(grafted_dit, out, vae="other-vae")
+    with pytest.raises(ValueError, match="arch"):
+        sample(grafted_dit, out, "--arch", "mlp_norm_eps=1e-5")  # same weights, other numerics
 
 
 def test_sampling_refuses_unbalanced_counts(grafted_dit, tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 from eval import geneval
 from eval.geneval_prompts import read_object_names
 from eval.geneval_tiny import write_tiny_clip, write_tiny_mask2former
+from eval.rank_wait import wait_for
 from tests.conftest import SHARED
 
 FILES = SHARED / "geneval"
@@ -52,6 +53,7 @@ def test_the_whole_command_writes_every_file(run):
             assert image.size == (64, 64)
     settings = json.loads((run / "images" / "generation.json").read_text())
     assert (settings["height"], settings["steps"], settings["seed"], settings["grafted"]) == (64, 2, 42, False)
+    assert settings["world_size"] == 1
 
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and list(rows[0]) == ["filename", "tag", "prompt", "correct", "reason", "metadata",
@@ -106,8 +108,16 @@ def test_ranks_split_prompts_and_any_folder_can_be_scored(run, tiny_pipeline, mo
     for path in images:  # other batches, same seeds: equal up to rounding
         ours, single = (np.asarray(Image.open(root / path), dtype=int) for root in (out, run))
         assert np.abs(ours - single).max() <= 1
+    assert json.loads((out / "images" / "generation.json").read_text())["world_size"] == 2
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
+    # The world size decides the batches: one process may not regenerate a lost image of a 2-rank folder...
+    (out / images[0]).rename(tmp_path / "lost.png")
+    with pytest.raises(ValueError, match="world_size: 2 → 1"):
+        geneval.main(command(out, tiny_pipeline, models, "--stage", "generate", "--tags", "counting", "colors"))
+    # ...but with nothing left to generate, it may check the folder (the world size then decides no pixel).
+    (tmp_path / "lost.png").rename(out / images[0])
+    geneval.main(command(out, tiny_pipeline, models, "--stage", "generate", "--tags", "counting", "colors"))
     detector, clip = models
     geneval.main(["--stage", "score", "--images", str(out / "images"), "--out", str(out), "--detector-path",
                   str(detector), "--clip", str(clip), "--detector-resize", "64", "128",
@@ -118,9 +128,9 @@ def test_ranks_split_prompts_and_any_folder_can_be_scored(run, tiny_pipeline, mo
 
 
 def test_rank_zero_waits_for_the_other_ranks_images():
-    geneval.wait_for(lambda: [], timeout=0)
-    with pytest.raises(TimeoutError, match="--stage score"):
-        geneval.wait_for(lambda: ["images/00080/samples/0000.png"], timeout=0)
+    wait_for(lambda: [], 0, "images", "Score later with --stage score")
+    with pytest.raises(TimeoutError, match="1 images still missing .* --stage score"):
+        wait_for(lambda: ["images/00080/samples/0000.png"], 0, "images", "Score later with --stage score")
 
 
 def test_missing_model_paths_stop_the_run_before_generation(tiny_pipeline, tmp_path):

@@ -12,17 +12,17 @@ from eval.geneval_prompts import (
     read_metadata,
     read_object_names,
     select_prompts,
-    sha256_of,
     tag_order,
 )
+from models.files import file_sha256
 from tests.conftest import SHARED
 
 FILES = SHARED / "geneval"
 
 
 def test_the_shared_copies_are_the_pinned_official_files():
-    assert sha256_of(FILES / METADATA[0]) == METADATA[2]
-    assert sha256_of(FILES / OBJECT_NAMES[0]) == OBJECT_NAMES[2]
+    assert file_sha256(FILES / METADATA[0]) == METADATA[2]
+    assert file_sha256(FILES / OBJECT_NAMES[0]) == OBJECT_NAMES[2]
     assert official_file(METADATA, FILES / METADATA[0]) == FILES / METADATA[0]
 
 
@@ -57,7 +57,7 @@ def test_a_wrong_file_is_an_error(tmp_path):
 def test_fetched_once_into_the_cache_then_verified(tmp_path):
     spec = (METADATA[0], (FILES / METADATA[0]).as_uri(), METADATA[2])  # a file:// URL stands in for GitHub
     cached = official_file(spec, cache_dir=tmp_path)
-    assert cached == tmp_path / METADATA[0] and sha256_of(cached) == METADATA[2]
+    assert cached == tmp_path / METADATA[0] and file_sha256(cached) == METADATA[2]
     offline = (METADATA[0], (tmp_path / "nowhere").as_uri(), METADATA[2])
     assert official_file(offline, cache_dir=tmp_path) == cached  # no second fetch
     with pytest.raises(RuntimeError, match="--metadata"):

@@ -80,3 +80,15 @@ def test_speed_loads_baseline_and_grafted_checkpoints(tmp_path, monkeypatch):
     assert report["rows"][1]["sampling_median_s"] is None
     with pytest.raises(SystemExit, match="CPU proxy"):
         speed.main(["--model", "proxy", "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "x")])
+
+
+def test_a_grafted_checkpoint_of_another_architecture_is_refused(tmp_path, monkeypatch):
+    """FLOPs and inputs come from the baseline's config, so the grafted export must share it."""
+    monkeypatch.setattr(speed, "FULL_PRESET", "tiny")
+    deeper = PixArtSigma(PixArtSigma.make_config("tiny", depth=3)).eval()
+    GraftSpec.from_dict({"grafts": [{"type": "mha", "name": "hyena_y", "config": {},
+                                     "layers": {"indexes": [0]}}]}).apply(deeper)
+    deeper.save_pretrained(tmp_path / "grafted")
+    with pytest.raises(SystemExit, match="depth: 2 vs 3"):
+        speed.main(["--model", "full", "--device", "cpu", "--grafted-ckpt", str(tmp_path / "grafted"),
+                    "--repeats", "1", "--warmup", "0", "--sampling-repeats", "0", "--out", str(tmp_path / "out")])
