@@ -34,7 +34,7 @@ from eval.fid_sampling import (
     sample_chunks,
 )
 from eval.rank_wait import wait_for
-from eval.sample import load_dit, parse_overrides
+from eval.sample import add_dit_checkpoint_args, load_dit, parse_overrides
 from models.files import check_or_record, file_sha256, save_json, save_text
 from models.pretrained import model_sha256
 from models.runtime import Rank, parse_dtype, pick_device, setup_logging
@@ -49,11 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sample = sub.add_parser("sample", help="draw class-balanced samples into chunks, then samples.npz")
-    sample.add_argument("--ckpt", type=Path, required=True,
-                        help="DiT-XL-2-*.pt, a released grafted model.pt (with --graft), diffusers or export folder")
-    sample.add_argument("--preset", help="architecture preset for an original .pt (default: from the file name)")
-    sample.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
-    sample.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE", help="architecture overrides")
+    add_dit_checkpoint_args(sample)
     sample.add_argument("--vae", type=Path, required=True, help="sd-vae-ft-ema folder (DiT's FID decoder)")
     sample.add_argument("--out", type=Path, required=True, help="folder for chunks/, sampling.json, samples.npz")
     sample.add_argument("--num-samples", type=int, default=50_000, help="a multiple of the number of classes")

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.prompts import read_prompts
-from eval.sample import DIT_SAMPLE_CLASSES, load_dit, parse_overrides
+from eval.sample import DIT_SAMPLE_CLASSES, add_dit_checkpoint_args, load_dit, parse_overrides
 from models.files import atomic_write, save_json, save_text
 from models.graft import GraftSpec
 from models.operators.attention import MultiHeadAttention
@@ -205,10 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
 
     dit = sub.add_parser("dit", parents=[common], help="class-conditional DiT (or a grafted one)")
-    dit.add_argument("--ckpt", type=Path, required=True)
-    dit.add_argument("--preset")
-    dit.add_argument("--graft", type=Path)
-    dit.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE")
+    add_dit_checkpoint_args(dit)
     dit.add_argument("--classes", type=int, nargs="+", default=list(DIT_SAMPLE_CLASSES))
     dit.add_argument("--steps", type=int, default=50, help="DDPM steps: the timesteps averaged over")
     dit.add_argument("--cfg", type=float, default=1.5)

@@ -61,11 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     px.add_argument("--negative-prompt", default="")
 
     dit = sub.add_parser("dit", parents=[common], help="class-conditional ImageNet sampling with DiT")
-    dit.add_argument("--ckpt", type=Path, required=True,
-                     help="DiT-XL-2-*.pt, a released grafted model.pt (with --graft), diffusers or export folder")
-    dit.add_argument("--preset", help="architecture preset for an original .pt (default: from the file name)")
-    dit.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
-    dit.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE", help="architecture overrides")
+    add_dit_checkpoint_args(dit)
     dit.add_argument("--vae", type=Path, required=True, help="sd-vae-ft-ema / ft-mse folder")
     dit.add_argument("--classes", type=int, nargs="+", default=list(DIT_SAMPLE_CLASSES),
                      help="ImageNet class ids (default: the DiT paper's sample classes)")
@@ -109,6 +105,16 @@ def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
                              None if args.guide_all_channels else 3, seeds=seeds)
         meta = [{"class": c, "seed": s} for c, s in zip(labels, seeds)]
         writer.add(to_uint8(vae.decode(latents)), meta)
+
+
+def add_dit_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """--ckpt / --preset / --graft / --arch, what `load_dit` takes (shared by every DiT command)."""
+    parser.add_argument("--ckpt", type=Path, required=True,
+                        help="DiT-XL-2-*.pt, a released grafted model.pt (with --graft), diffusers or export folder")
+    parser.add_argument("--preset", help="architecture preset for an original .pt (default: from the file name)")
+    parser.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
+    parser.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="architecture overrides (the operators' width follows hidden_size)")
 
 
 def parse_overrides(items: list[str]) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.batching import collate
 from models.diffusion import GaussianDiffusion
 
 
@@ -47,31 +48,18 @@ class SyntheticBatches:
             mine = order[self.rank::self.world_size]
             indexes = mine[within * self.batch_size:(within + 1) * self.batch_size].tolist()
             self.batches_done += 1
-            yield collate([self.sample(i) for i in indexes])
+            text_tokens = self.caption_tokens if self.family == "pixart" else None
+            yield collate([self.sample(i) for i in indexes], text_tokens)
 
     def sample(self, index: int) -> dict[str, Any]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         sample: dict[str, Any] = {"latent": torch.randn(self.latent_shape, generator=g), "key": f"synthetic-{index}"}
-        if self.family == "pixart":
+        if self.family == "pixart":  # the valid tokens only, as shards store them; collate pads and masks
             length = int(torch.randint(1, self.caption_tokens + 1, (1,), generator=g))
-            mask = torch.zeros(self.caption_tokens, dtype=torch.long)
-            mask[:length] = 1
-            sample["text"] = torch.randn(self.caption_tokens, self.caption_channels, generator=g) * mask[:, None]
-            sample["text_mask"] = mask
+            sample["text"] = torch.randn(self.caption_tokens, self.caption_channels, generator=g)[:length]
         else:
             sample["label"] = int(torch.randint(self.num_classes, (1,), generator=g))
         return sample
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-sample dicts into a batch dict (`key` → `keys`)."""
-    batch: dict[str, Any] = {"keys": [s["key"] for s in samples]}
-    for name in samples[0]:
-        if name == "key":
-            continue
-        values = [s[name] for s in samples]
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
-    return batch
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
