@@ -29,12 +29,12 @@ from safetensors.torch import load
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.runtime import Rank, setup_logging
+from common.tables import markdown_table
 from data.batching import collate
 from data.reader import ReaderConfig, ShardLoader
 from data.sample_format import LATENT, TENSORS, TEXT, shard_sample
 from data.shard_writer import ShardPlan, write_shards
-from models.runtime import Rank, setup_logging
-from models.tables import markdown_table
 
 log = logging.getLogger("bench_reader")
 LATENT_SHAPE, TEXT_SHAPE = (4, 256, 256), (300, 4096)  # PixArt-Sigma at 2048²: latent and T5-XXL features

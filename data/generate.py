@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.files import check_or_record, json_sha256
+from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from data.prompts import read_prompts
 from data.sample_format import IMAGE_FORMATS, LATENT, TEXT, encode_image, shard_sample, valid_tokens
 from data.shard_writer import DATASET_INFO, ShardPlan, chunks, write_shards
-from models.files import check_or_record, json_sha256
 from models.pretrained import model_sha256
-from models.runtime import Rank, parse_dtype, pick_device, setup_logging
 from models.sampling import TextToImage, to_uint8
 from models.tiny import words_of, write_tiny_pipeline
 

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from common.files import check_or_record, json_sha256, save_json
+from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from data.image_prep import IMAGE_SUFFIXES, is_image, load_square
 from data.prompts import read_jsonl
 from data.sample_format import LATENT, LATENT_FLIP, TEXT, shard_sample, valid_tokens
 from data.shard_writer import DATASET_INFO, ShardPlan, chunks, write_shards
 from data.skips import SkipCounter
-from models.files import check_or_record, json_sha256, save_json
 from models.pretrained import model_sha256
-from models.runtime import Rank, parse_dtype, pick_device, setup_logging
 from models.text_encoder import T5TextEncoder
 from models.vae import LatentVAE
 

@@ -15,9 +15,9 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from common.files import save_text
+from common.runtime import setup_logging
 from data import prompt_words as W
-from models.files import save_text
-from models.runtime import setup_logging
 
 log = logging.getLogger("prompt_generator")
 

@@ -31,11 +31,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from common.runtime import Rank, parse_dtype
 from data.batching import ShapeBuckets, collate
 from data.sample_format import LABEL, LATENT, LATENT_FLIP, TENSORS, TEXT, SampleError, tensor_layout
 from data.shard_io import TensorRef, mapped_tar_files
 from data.skips import SkipCounter
-from models.runtime import Rank, parse_dtype
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 1

@@ -16,8 +16,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from models.files import atomic_write, save_json
-from models.runtime import Rank
+from common.files import atomic_write, save_json
+from common.runtime import Rank
 
 log = logging.getLogger(__name__)
 

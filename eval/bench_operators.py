@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.tables import markdown_table
 from models.operators import build, operator_info
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,11 @@ def benchmark(lengths: list[int], width: int, heads: int, batch: int, device: st
     return rows
 
 
-def markdown_table(rows: list[Row]) -> str:
+def rows_table(rows: list[Row]) -> str:
     """One line per (length, operator), grouped by length."""
-    lines = ["| tokens | operator | fwd GFLOP | FLOPs / mha | fwd+bwd ms | time / mha |",
-             "|---:|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.length} | {r.operator} | {r.gflops:.3f} | {r.flops_vs_mha:.2f} | {r.ms:.2f} | "
-              f"{r.time_vs_mha:.2f} |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(["tokens", "operator", "fwd GFLOP", "FLOPs / mha", "fwd+bwd ms", "time / mha"],
+                          [[r.length, r.operator, f"{r.gflops:.3f}", f"{r.flops_vs_mha:.2f}", f"{r.ms:.2f}",
+                            f"{r.time_vs_mha:.2f}"] for r in rows], align="rlrrrr")
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
              dtype_name, args.lengths)
     rows = benchmark(args.lengths, args.width, args.heads, args.batch, args.device, getattr(torch, dtype_name),
                      args.warmup, args.repeats)
-    print(markdown_table(rows))
+    print(rows_table(rows))
     if args.json is not None:
         setup = {"width": args.width, "heads": args.heads, "batch": args.batch, "device": args.device,
                  "dtype": dtype_name, "warmup": args.warmup, "repeats": args.repeats}

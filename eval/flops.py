@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.config import ConfigError
 from eval.bench_operators import forward_flops
-from models.config import ConfigError
 from models.graft import Graft, GraftSpec
 from models.pixart import PixArtConfig, PixArtSigma
 

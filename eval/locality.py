@@ -30,15 +30,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.files import atomic_write, save_json, save_text
+from common.runtime import parse_dtype, pick_device, setup_logging
+from common.tables import markdown_table
 from data.prompts import read_prompts
-from eval.sample import DIT_SAMPLE_CLASSES, add_dit_checkpoint_args, load_dit, parse_overrides
-from models.files import atomic_write, save_json, save_text
+from eval.dit_args import DIT_SAMPLE_CLASSES, add_dit_checkpoint_args, dit_from_args
 from models.graft import GraftSpec
 from models.operators.attention import MultiHeadAttention
 from models.pixart import PixArtSigma
-from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import sample_dit, sample_pixart, seeded_noise
-from models.tables import markdown_table
 from models.text_encoder import T5TextEncoder
 
 matplotlib.use("Agg")
@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_dit(args: argparse.Namespace, meter: LocalityMeter, device: torch.device, dtype: torch.dtype) -> int:
     """Sample the classes with the meter attached; returns the model depth."""
-    model = load_dit(args.ckpt, args.preset, args.graft, parse_overrides(args.arch), dtype).to(device)
+    model = dit_from_args(args, dtype).to(device)
     meter.attach(model)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     for start in tqdm(range(0, len(args.classes), args.batch_size), desc="batches"):

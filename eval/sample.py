@@ -17,21 +17,18 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
+from common.files import save_text
+from common.runtime import parse_dtype, pick_device, setup_logging
 from data.prompts import read_prompts
-from models.dit import DiT
-from models.files import save_text
-from models.graft import GraftSpec
-from models.runtime import parse_dtype, pick_device, setup_logging
+from eval.dit_args import DIT_SAMPLE_CLASSES, add_dit_checkpoint_args, dit_from_args
 from models.sampling import TextToImage, image_grid, sample_dit, save_png, seeded_noise, to_uint8
 from models.tiny import words_of, write_tiny_pipeline
 from models.vae import LatentVAE
 
 log = logging.getLogger("sample")
 GRID_MAX = 64  # images shown in grid.png
-DIT_SAMPLE_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # the DiT paper's sample classes
 DEMO_PROMPTS = ["a red circle above a blue square", "two yellow triangles", "a photo of a cat next to a tree",
                 "a green apple on the left of a cup"]
 
@@ -94,7 +91,7 @@ def run_pixart(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
 
 def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, writer: SampleWriter) -> None:
-    model = load_dit(args.ckpt, args.preset, args.graft, parse_overrides(args.arch), dtype).to(device)
+    model = dit_from_args(args, dtype).to(device)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     for start in tqdm(range(0, len(args.classes), args.batch_size), desc="batches"):
@@ -105,41 +102,6 @@ def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
                              None if args.guide_all_channels else 3, seeds=seeds)
         meta = [{"class": c, "seed": s} for c, s in zip(labels, seeds)]
         writer.add(to_uint8(vae.decode(latents)), meta)
-
-
-def add_dit_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """--ckpt / --preset / --graft / --arch, what `load_dit` takes (shared by every DiT command)."""
-    parser.add_argument("--ckpt", type=Path, required=True,
-                        help="DiT-XL-2-*.pt, a released grafted model.pt (with --graft), diffusers or export folder")
-    parser.add_argument("--preset", help="architecture preset for an original .pt (default: from the file name)")
-    parser.add_argument("--graft", type=Path, help="graft spec or paper sampling YAML the checkpoint was trained with")
-    parser.add_argument("--arch", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="architecture overrides (the operators' width follows hidden_size)")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """`key=value` strings → a dict, values parsed as YAML scalars (`depth=4` → 4)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--arch expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
-def load_dit(ckpt: Path, preset: str | None, graft_file: Path | None, arch: dict, dtype: torch.dtype) -> DiT:
-    """A (grafted) DiT; the paper's sampling YAML supplies the architecture when no preset is given."""
-    graft = None
-    if graft_file is not None:
-        graft = GraftSpec.from_yaml(graft_file)
-        sample = (yaml.safe_load(graft_file.read_text()) or {}).get("sample_config") or {}
-        if preset is None and "dit_model_name" in sample:
-            preset = sample["dit_model_name"]
-            arch = {"input_size": int(sample.get("image_size", 256)) // 8, **arch}
-        if "hidden_size" in arch:
-            graft = graft.with_width(arch["hidden_size"])
-    return DiT.from_pretrained(ckpt, preset=preset, dtype=dtype, graft=graft, **arch)
 
 
 class SampleWriter:

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from common.files import save_json, save_text
+from common.runtime import parse_dtype, pick_device, setup_logging
+from common.tables import markdown_table
 from eval.flops import meta_forward_flops, pixart_forward_flops
-from models.files import save_json, save_text
 from models.graft import GraftSpec
 from models.pixart import PixArtConfig, PixArtSigma
-from models.runtime import parse_dtype, pick_device, setup_logging
 from models.sampling import sample_pixart
-from models.tables import markdown_table
 
 log = logging.getLogger("speed")
 

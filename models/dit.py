@@ -9,12 +9,15 @@ diffusers' DiT differs numerically in two places, both config switches here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from models.config import ConfigError
+from common.config import ConfigError
+from models.graft import GraftSpec
 from models.layers import (
     Mlp,
     PatchEmbed,
@@ -241,3 +244,20 @@ class DiT(PretrainedModel):
             "activation_fn": "gelu-approximate", "attention_bias": True, "dropout": 0.0,
             "norm_num_groups": 32, "upcast_attention": False,
         }
+
+
+def load_dit(ckpt: str | Path, preset: str | None = None, graft_file: str | Path | None = None,
+             arch: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> DiT:
+    """A (grafted) DiT from any checkpoint format; with one of the paper's sampling YAMLs as `graft_file`, its
+    `dit_model_name` and `image_size` supply the architecture when no preset is given."""
+    graft, arch = None, dict(arch or {})
+    if graft_file is not None:
+        graft_file = Path(graft_file)
+        graft = GraftSpec.from_yaml(graft_file)
+        sample = (yaml.safe_load(graft_file.read_text()) or {}).get("sample_config") or {}
+        if preset is None and "dit_model_name" in sample:
+            preset = sample["dit_model_name"]
+            arch = {"input_size": int(sample.get("image_size", 256)) // 8, **arch}
+        if "hidden_size" in arch:
+            graft = graft.with_width(arch["hidden_size"])
+    return DiT.from_pretrained(ckpt, preset=preset, dtype=dtype, graft=graft, **arch)

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from torch import nn
 
-from models.config import ConfigError
-from models.files import save_text
+from common.config import ConfigError
+from common.files import save_text
 from models.operators import build, check_config, operator_info
 from models.weights import load_strict, read_state_dict
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.config import ConfigError
+from common.config import ConfigError
 from models.layers import Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks, unpatchify
 from models.operators.attention import MultiHeadAttention
 from models.operators.attention_core import attention, masked_key_attention

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from models.config import ConfigError, from_dict, to_dict
-from models.files import file_sha256, save_json
+from common.config import ConfigError, from_dict, to_dict
+from common.files import file_sha256, save_json
 from models.graft import GraftSpec
 from models.weights import (
     KeyMap,

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.files import atomic_write
 from models.diffusion import ddpm_scheduler, pixart_scheduler, respaced_timesteps
 from models.dit import DiT
-from models.files import atomic_write
 from models.pixart import PixArtSigma
 from models.text_encoder import T5TextEncoder
 from models.vae import LatentVAE

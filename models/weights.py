@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.files import atomic_write
+from common.files import atomic_write
 
 StateDict = dict[str, torch.Tensor]
 

@@ -13,10 +13,10 @@ import time
 
 import torch
 
+from common.tables import markdown_table
 from models.diffusion import GaussianDiffusion
 from models.graft import GraftSpec
 from models.pixart import PixArtSigma
-from models.tables import markdown_table
 from recipes.batches import SyntheticBatches
 from recipes.config import OptimSection
 from recipes.engine import LocalEngine

@@ -2,14 +2,13 @@
 `--set a.b=c` overrides. The DeepSpeed config and the graft spec are derived from it, never kept separately."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from models.config import ConfigError, from_dict, to_dict
+from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
 
 
 @dataclass
@@ -126,10 +125,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     data = _read_with_bases(path, seen=())
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. stage2.optim.lr=5e-5")
-        _set_dotted(data, key, yaml.safe_load(value), where=f"override {item!r}")
+        for key, value in parse_assignments([item], "--set", "stage2.optim.lr=5e-5").items():
+            _set_dotted(data, key, value, where=f"--set {item!r}")
     recipe = from_dict(Recipe, data, where=str(path))
     validate(recipe, str(path))
     return recipe
@@ -172,17 +169,6 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if base is None:
         return data
     return deep_merge(_read_with_bases(path.parent / base, seen + (path.resolve(),)), data)
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`update` over `base`, recursing into mappings; lists and scalars are replaced."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from recipes.config import Recipe, deep_merge
+from common.config import deep_merge
+from common.runtime import compute_dtype, pick_device
+from recipes.config import Recipe
 
 
 def prepare_environment() -> None:
@@ -51,16 +53,6 @@ def init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def device() -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")
-
-
-def use_bf16(recipe: Recipe) -> bool:
-    precision = recipe.deepspeed.precision
-    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
-
-
 def deepspeed_config(recipe: Recipe, optim, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for one stage, derived from the recipe, then `deepspeed.overrides` merged in."""
     ds = recipe.deepspeed
@@ -71,7 +63,7 @@ def deepspeed_config(recipe: Recipe, optim, world_size: int) -> dict[str, Any]:
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
                               "reduce_scatter": True},
-        "bf16": {"enabled": use_bf16(recipe)},
+        "bf16": {"enabled": compute_dtype(recipe.deepspeed.precision) == torch.bfloat16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "weight_decay": optim.weight_decay, "eps": 1e-8,
             "torch_adam": not torch.cuda.is_available()}},  # on CPU: no JIT-compiled cpu_adam
@@ -85,7 +77,7 @@ def all_ranks_true(flag: bool) -> bool:
     """True only if `flag` holds on every rank (used to stop every rank together)."""
     if not dist.is_initialized():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device())
+    value = torch.tensor([1.0 if flag else 0.0], device=pick_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 

@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.files import save_json, save_text
+from common.runtime import compute_dtype, pick_device
+from common.tables import markdown_table
 from models.diffusion import GaussianDiffusion
-from models.files import save_json, save_text
 from models.graft import Graft, GraftSpec
-from models.tables import markdown_table
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import call_model, noise_batch, to_device
 from recipes.builders import build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
-from recipes.distributed import barrier, device, use_bf16
+from recipes.distributed import barrier
 from recipes.engine import LocalEngine, deepspeed_engine, full_state_dict
 from recipes.reporting import RunLog, read_metrics
 
@@ -112,8 +113,7 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
     """Distil every targeted layer; returns the folder of the best student per layer (`<path>.safetensors`)."""
     out = recipe.out / "stage1"
     cfg = recipe.stage1
-    dev = device()
-    dtype = torch.bfloat16 if use_bf16(recipe) else torch.float32
+    dev, dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
     teacher = build_teacher(recipe).to(dev, dtype).requires_grad_(False)
     spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
     grafts = spec.targets(teacher)
@@ -127,7 +127,7 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
     bank = StudentBank(students, grafts).to(dev)
     if split:
         engine = LocalEngine(bank, cfg.optim, cfg.steps, recipe.deepspeed.gradient_accumulation, rank,
-                             use_bf16(recipe))
+                             dtype == torch.bfloat16)
     else:
         engine = deepspeed_engine(bank, recipe, cfg.optim, cfg.steps, world_size)
     tap = ActivationTap(teacher, mine)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from common.files import save_text
+from common.runtime import compute_dtype, pick_device
 from models.diffusion import GaussianDiffusion
-from models.files import save_text
 from models.graft import GraftSpec
 from models.pretrained import PretrainedModel
 from models.weights import load_strict, read_state_dict
@@ -17,7 +18,7 @@ from recipes.batches import call_model, noise_batch, to_device
 from recipes.builders import build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe, dump_recipe
-from recipes.distributed import barrier, device, use_bf16
+from recipes.distributed import barrier
 from recipes.ema import EMA
 from recipes.engine import deepspeed_engine, full_state_dict
 from recipes.lora import attach_lora, merge_lora
@@ -53,8 +54,7 @@ def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, s
     """Finetune and export; returns the export folder."""
     out = recipe.out / "stage2"
     cfg = recipe.stage2
-    dev = device()
-    dtype = torch.bfloat16 if use_bf16(recipe) else torch.float32
+    dev, dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
     model, spec = grafted_model(recipe, students_dir)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()

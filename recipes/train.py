@@ -13,8 +13,8 @@ import logging
 import warnings
 from pathlib import Path
 
-from models.files import save_text
-from models.runtime import setup_logging
+from common.files import save_text
+from common.runtime import setup_logging
 from recipes.config import dump_recipe, load_recipe
 from recipes.distributed import barrier, init_process_group
 

@@ -14,11 +14,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from common.runtime import Rank
 from data import generate
 from data.prompts import read_prompts
 from data.reader import ReaderConfig, ShardLoader
 from data.shard_writer import finished_shards
-from models.runtime import Rank
 from models.sampling import TextToImage, to_uint8
 from models.tiny import build_tokenizer, build_vae, words_of, write_tiny_pipeline
 from tests.conftest import REPO

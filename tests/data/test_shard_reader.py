@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.runtime import Rank
 from data.reader import ReaderConfig, ShardLoader, detect_kind, training_batches
 from data.sample_format import LATENT, LATENT_FLIP, TEXT, shard_sample
 from data.shard_writer import write_shard
-from models.runtime import Rank
 from tests.data.conftest import TEXT_DIM, synthetic_tensors, write_synthetic
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
+from common.runtime import Rank
 from data.sample_format import LATENT, shard_sample
 from data.shard_writer import ShardPlan, finished_shards, write_shards
-from models.runtime import Rank
 from tests.data.conftest import synthetic_tensors
 
 PLAN = ShardPlan(6, 2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from models.config import ConfigError
+from common.config import ConfigError
 from models.dit import DiT
 from models.graft import GraftSpec, LayerSelection
 from models.operators.attention import MultiHeadAttention

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from models.config import ConfigError
+from common.config import ConfigError
 from models.pixart import PIXART_PRESETS, PixArtSigma
 from models.weights import CheckpointError, KeyMap, KeyRule
 from tests.conftest import max_rel_err

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import ConfigError
+from common.config import ConfigError
 from models.graft import GraftSpec
 from recipes.config import load_recipe
 from recipes.distributed import deepspeed_config
