@@ -17,7 +17,7 @@ from eval.geneval.rules import (
     relative_position,
     select_detections,
 )
-from tests.conftest import SHARED
+from tests.conftest import shared_file
 
 
 def det(box=(0, 0, 10, 10), score=0.9, color=None) -> Detection:
@@ -233,7 +233,7 @@ def test_a_missing_colour_is_an_error_not_a_wrong_answer():
 
 
 def test_official_records_parse_and_score():
-    lines = (SHARED / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines()
+    lines = shared_file("geneval/evaluation_metadata.jsonl").read_text().splitlines()
     position = next(r for r in map(json.loads, lines) if r["tag"] == "position")
     assert isinstance(position["include"][1]["position"], list)
     ref, other = position["include"][0]["class"], position["include"][1]["class"]
