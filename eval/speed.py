@@ -43,8 +43,7 @@ log = logging.getLogger("speed")
 
 FULL_PRESET = "PixArt-Sigma-XL-2-2K-MS"  # runs at its trained 256² latent = 2048² pixels, 16,384 tokens
 PROXY_OVERRIDES = dict(hidden_size=288, num_heads=4, depth=4, sample_size=128)  # 4,096 tokens: 4096 / 288 ≈ 14.2
-DEFAULT_GRAFT = {"grafts": [{"type": "mha", "name": "hyena_x", "config": {},
-                             "layers": {"ratio": 0.5, "pattern": "interleaved"}}]}
+DEFAULT_GRAFT = ("hyena_x", {"ratio": 0.5, "pattern": "interleaved"})  # operator settings, blocks
 CAPTION_TOKENS = 300
 TIMESTEP = 500  # any timestep costs the same
 NOT_COMPARED = {"model_max_length"}  # T5's prompt length, not the transformer's; diffusers folders do not store it
@@ -120,7 +119,7 @@ def build_models(args: argparse.Namespace, config: PixArtConfig, device: torch.d
             raise SystemExit(f"{args.grafted_ckpt} holds no graft.yaml; it is not a grafted export folder")
         check_same_config(baseline.config, grafted.config, args.grafted_ckpt)
         return baseline, grafted, grafted.graft
-    spec = GraftSpec.from_yaml(args.graft) if args.graft else GraftSpec.from_dict(DEFAULT_GRAFT)
+    spec = GraftSpec.from_yaml(args.graft) if args.graft else GraftSpec.from_settings(*DEFAULT_GRAFT)
     spec = spec.with_width(config.hidden_size)
     grafted = copy.deepcopy(baseline)
     spec.apply(grafted)

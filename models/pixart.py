@@ -89,6 +89,11 @@ class PixArtSelfAttention(MultiHeadAttention):
         return (q.reshape(b, n, self.num_heads, self.head_dim), k.reshape(b, -1, self.num_heads, self.head_dim),
                 v.reshape(b, -1, self.num_heads, self.head_dim))
 
+    def forward_flops(self, tokens: int) -> int:
+        if self.sr_ratio > 1:
+            raise ValueError("the analytic FLOP count does not cover KV compression (no released model uses it)")
+        return super().forward_flops(tokens)
+
     def _compress(self, t: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
         if hw is None:
             raise ValueError("KV compression needs the token grid (h, w)")

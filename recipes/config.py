@@ -165,6 +165,10 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    if "graft" in data:  # operator config files are named relative to the recipe that names them
+        from models.graft import inline_config_files
+
+        data["graft"] = inline_config_files(data["graft"], path.parent, f"{path}: graft")
     base = data.pop("base", None)
     if base is None:
         return data

@@ -28,6 +28,10 @@ class CausalDepthwiseConv1d(nn.Conv1d):
             return kernel.causal_conv1d_fn(x, self.weight.squeeze(1), self.bias, activation=None)
         return F.conv1d(F.pad(x, (self.kernel_size[0] - 1, 0)), self.weight, self.bias, groups=self.groups)
 
+    def forward_flops(self, length: int) -> int:
+        """Forward FLOPs per sample over a sequence of `length`: 2 · K · channels · length."""
+        return 2 * self.kernel_size[0] * self.in_channels * length
+
 
 def init_identity_(conv: CausalDepthwiseConv1d) -> CausalDepthwiseConv1d:
     """Make the filter pass its input through unchanged (last tap 1), as Hyena's inner filter starts."""

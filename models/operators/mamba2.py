@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers import linear_flops
 from models.operators.attention_core import optional_module, use_kernel
 from models.operators.causal_conv import CausalDepthwiseConv1d
 
@@ -147,6 +148,13 @@ class Mamba2(nn.Module):
         y = y.flatten(-2)
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y)
+
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample: projections, the conv, and the scan in its recurrent form
+        (2 · 2 · N · d_inner · d_state: state update and read-out), not the chunked algorithm's extra work."""
+        scan = 2 * 2 * tokens * self.d_inner * self.d_state
+        return (linear_flops(self.in_proj, tokens) + self.conv1d.forward_flops(tokens) + scan
+                + linear_flops(self.out_proj, tokens))
 
     def scan(self, x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """SSM over the sequence: x (B, L, H, P), raw dt (B, L, H), b/c (B, L, G, N) → (B, L, H, P)."""

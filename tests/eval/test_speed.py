@@ -10,7 +10,7 @@ from eval.flops import meta_forward_flops, pixart_forward_flops
 from models.graft import GraftSpec
 from models.pixart import PixArtSigma
 
-HALF_HYENA_X = GraftSpec.from_dict(speed.DEFAULT_GRAFT)
+HALF_HYENA_X = GraftSpec.from_settings(*speed.DEFAULT_GRAFT)
 
 
 def test_xl2_2k_flops_match_the_meta_counter_and_the_paper_numbers():
