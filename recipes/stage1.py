@@ -19,6 +19,7 @@ from common.runtime import compute_dtype, pick_device
 from common.tables import markdown_table
 from models.diffusion import GaussianDiffusion
 from models.graft import Graft, GraftSpec
+from models.operators.kernels import log_backends_once
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import call_model, noise_batch, to_device
@@ -125,6 +126,8 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
     torch.manual_seed(recipe.seed)  # the same student initialisation on every rank
     students = {p: op.float() for p, op in spec.build_operators(teacher).items() if p in mine}
     bank = StudentBank(students, grafts).to(dev)
+    log_backends_once(teacher, "stage 1 teacher")
+    log_backends_once(bank, "stage 1 students")
     if split:
         engine = LocalEngine(bank, cfg.optim, cfg.steps, recipe.deepspeed.gradient_accumulation, rank,
                              dtype == torch.bfloat16)

@@ -11,6 +11,7 @@ from common.files import save_text
 from common.runtime import compute_dtype, pick_device
 from models.diffusion import GaussianDiffusion
 from models.graft import GraftSpec
+from models.operators.kernels import log_backends_once
 from models.pretrained import PretrainedModel
 from models.weights import load_strict, read_state_dict
 from recipes import loop
@@ -56,6 +57,7 @@ def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, s
     cfg = recipe.stage2
     dev, dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
     model, spec = grafted_model(recipe, students_dir)
+    log_backends_once(model, "stage 2 model")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     ema = EMA(model, cfg.ema_decay, keep=rank == 0) if cfg.ema_decay else None

@@ -6,6 +6,7 @@ from torch import nn
 
 from models.layers import linear_flops
 from models.operators.attention_core import attention, window_attention
+from models.operators.kernels import UsesKernel
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,7 +47,7 @@ class MultiHeadAttention(nn.Module):
         return linear_flops(self.qkv, tokens) + core + linear_flops(self.proj, tokens)
 
 
-class SlidingWindowAttention(nn.Module):
+class SlidingWindowAttention(UsesKernel, nn.Module):
     """`swa`: flash-attn `MHA` (keys `Wqkv`, `out_proj`) with a `(left, right)` window over the raster sequence.
 
     Takes the flash-attn constructor arguments of the paper's `swa.yaml` unchanged; options the paper never used
@@ -93,8 +94,8 @@ class SlidingWindowAttention(nn.Module):
         if self.num_heads_kv != self.num_heads:
             repeat = self.num_heads // self.num_heads_kv
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        out = window_attention(q, k, v, self.window, scale=self.softmax_scale,
-                               dropout_p=self.dropout if self.training else 0.0)
+        out, self.backend = window_attention(q, k, v, self.window, scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.reshape(b, n, -1))
 
     def forward_flops(self, tokens: int) -> int:
