@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 HEADED = ("mha", "swa")  # operators whose `num_heads` is attention heads (--heads applies to them)
 
 
+def default_operators() -> list[str]:
+    """Every settings file: mha first (the reference), then the other token mixers, then the channel mixers."""
+    def order(settings: str) -> tuple[bool, bool, str]:
+        name = settings_operator(settings)
+        return operator_info(name).replaces == "mlp", name != "mha", settings
+
+    return sorted(settings_names(), key=order)
+
+
 def operator_config(settings: str, width: int, length: int, heads: int | None = None) -> dict:
     """The config of settings file `settings` at this width (heads, and a token-tied l_max, filled as well)."""
     name = settings_operator(settings)
@@ -108,7 +117,7 @@ def rows_table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> list[Row]:
     """Command line: benchmark, print the table, optionally save JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--operators", nargs="+", default=settings_names(), choices=settings_names(),
+    parser.add_argument("--operators", nargs="+", default=default_operators(), choices=settings_names(),
                         metavar="SETTINGS", help="settings files of recipes/operators/ (default: all)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--width", type=int, default=1152, help="model width d (DiT-XL/2: 1152)")
