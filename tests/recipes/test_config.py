@@ -54,9 +54,13 @@ def test_operator_files_are_named_relative_to_the_recipe_that_names_them(tmp_pat
     child = write(tmp_path, "child.yaml", f"base: {base.relative_to(tmp_path)}\nname: child\n")
     monkeypatch.chdir(tmp_path.parent)  # neither the recipe's folder nor the base's
     assert load_recipe(child).graft["grafts"][0]["config"] == {"inner_filter_len": 3, "l_max": 4096}
+    monkeypatch.chdir(tmp_path)
     overriding = BASE.replace("config: {}", "config_filepath: ops/y.yaml, config: {inner_filter_len: 2}")
     assert load_recipe(write(tmp_path, "o.yaml", overriding)).graft["grafts"][0]["config"] == {
         "inner_filter_len": 2, "l_max": 4096}
+    given = load_recipe(write(tmp_path, "g.yaml", BASE), [
+        "graft.grafts=[{type: mha, name: hyena_y, config_filepath: ops/y.yaml, layers: {ratio: 0.5}}]"])
+    assert given.graft["grafts"][0]["config"] == {"inner_filter_len": 3, "l_max": 4096}  # from the working dir
     with pytest.raises(ConfigError, match="'nowhere.yaml' not found"):
         load_recipe(write(tmp_path, "bad.yaml", BASE.replace("config: {}", "config_filepath: nowhere.yaml")))
 
