@@ -238,11 +238,14 @@ def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
 def operator_config(entry: dict[str, Any], base: Path | None, where: str) -> dict[str, Any]:
     """A graft entry's operator config: the `config_filepath` file's keys (the path relative to `base`, the folder
     of the file that names it), overridden by an inline `config`; at least one of the two."""
-    if "config" not in entry and "config_filepath" not in entry:
+    file = entry.get("config_filepath")
+    if file is None and "config" not in entry:
         raise ConfigError(f"{where}: give config, config_filepath, or both (config overrides the file)")
     config = {}
-    if "config_filepath" in entry:
-        path = find_config_file(entry["config_filepath"], base)
+    if file is not None:
+        if not isinstance(file, str):
+            raise ConfigError(f"{where}: config_filepath must be a path, got {file!r}")
+        path = find_config_file(file, base)
         config = yaml.safe_load(path.read_text()) or {}
         if not isinstance(config, dict):
             raise ConfigError(f"{path}: an operator config must be a YAML mapping")
