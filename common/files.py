@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,19 @@ def save_text(text: str, path: str | os.PathLike) -> None:
 def save_json(obj: Any, path: str | os.PathLike) -> None:
     """Atomically write pretty JSON."""
     save_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def download(url: str, target: str | os.PathLike, timeout: float = 60) -> Path:
+    """Fetch `url` (https or file) into `target` atomically: a failed download leaves no partial file. Raises
+    OSError when it cannot be fetched."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        atomic_write(target, lambda tmp: _copy_stream(response, tmp))
+    return Path(target)
+
+
+def _copy_stream(stream, path: str) -> None:
+    with open(path, "wb") as f:
+        shutil.copyfileobj(stream, f)
 
 
 def file_sha256(*paths: str | os.PathLike) -> str:

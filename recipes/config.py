@@ -10,6 +10,7 @@ import yaml
 
 from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
 from data.reader import ReaderConfig
+from models.graft import GraftSpec, inline_config_files
 
 
 @dataclass
@@ -133,6 +134,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         for key, value in parse_assignments([item], "--set", "stage2.optim.lr=5e-5").items():
             _set_dotted(data, key, value, where=f"--set {item!r}")
+    if "graft" in data:  # operator files given with --set are named relative to the working directory
+        data["graft"] = inline_config_files(data["graft"], Path.cwd(), "--set graft")
     recipe = from_dict(Recipe, data, where=str(path))
     validate(recipe, str(path))
     return recipe
@@ -140,8 +143,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def validate(recipe: Recipe, where: str) -> None:
     """Cross-field checks a type system cannot express."""
-    from models.graft import GraftSpec
-
     GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
     if recipe.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: deepspeed.zero_stage must be 0..3")
@@ -181,6 +182,8 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    if "graft" in data:  # operator config files are named relative to the recipe that names them
+        data["graft"] = inline_config_files(data["graft"], path.parent, f"{path}: graft")
     base = data.pop("base", None)
     if base is None:
         return data

@@ -19,6 +19,7 @@ from common.runtime import compute_dtype, pick_device
 from common.tables import markdown_table
 from models.diffusion import GaussianDiffusion
 from models.graft import Graft, GraftSpec
+from models.operators.kernels import log_backends_once
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import BatchSource, call_model, noise_batch, to_device
@@ -181,6 +182,8 @@ class Distiller:
         torch.manual_seed(recipe.seed)  # the same student initialisation on every rank
         students = {p: op.float() for p, op in spec.build_operators(self.teacher).items() if p in self.paths}
         self.bank = StudentBank(students, grafts).to(self.dev)
+        log_backends_once(self.teacher, "stage 1 teacher")
+        log_backends_once(self.bank, "stage 1 students")
         self.engine: Engine = (
             LocalEngine(self.bank, self.cfg.optim, self.cfg.steps, recipe.deepspeed.gradient_accumulation, rank,
                         self.dtype == torch.bfloat16) if self.split

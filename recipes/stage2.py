@@ -11,6 +11,7 @@ from common.files import save_text
 from common.runtime import compute_dtype, pick_device
 from models.diffusion import GaussianDiffusion
 from models.graft import GraftSpec
+from models.operators.kernels import log_backends_once
 from models.pretrained import PretrainedModel
 from models.weights import load_strict, read_state_dict
 from recipes import loop
@@ -58,6 +59,7 @@ class Finetuner:
         self.recipe, self.cfg = recipe, recipe.stage2
         self.dev, self.dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
         self.model, _ = grafted_model(recipe, students_dir)
+        log_backends_once(self.model, "stage 2 model")
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         self.model.train()
         self.ema = EMA(self.model, self.cfg.ema_decay, keep=rank == 0) if self.cfg.ema_decay else None

@@ -89,8 +89,10 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     from models.dit import DiT
     from models.operators.hyena import HyenaY
 
-    train(tmp_path, ["stage1.steps=30", "stage2.steps=30", "stage2.log_every=5"],
-          recipe=REPO / "recipes" / "tiny_dit_hyena_y.yaml")
+    run = train(tmp_path, ["stage1.steps=30", "stage2.steps=30", "stage2.log_every=5"],
+                recipe=REPO / "recipes" / "tiny_dit_hyena_y.yaml")
+    for label in ("stage 1 students", "stage 2 model"):  # the logs say which kernels ran: the pure path, on CPU
+        assert f"{label} ran on: CausalDepthwiseConv1d: torch ×2" in run.stderr
     model = DiT.from_pretrained(tmp_path / "export")
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
     last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
