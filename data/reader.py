@@ -212,6 +212,7 @@ class ShardStream(IterableDataset):
         cfg, skips = self.config, SkipCounter(log)
         epoch, skip_to, pending = start.epoch, start.consumed, set(start.pending)
         errors = ShardErrors(skips, counted=start.shard_errors)
+        barren: set[str] = set()  # shards this slot drew in its latest epochs that gave no valid sample at all
         while cfg.epochs is None or epoch < cfg.epochs:
             buckets, valid, total = ShapeBuckets(cfg.batch_size), 0, 0
             for i, raw in enumerate(self.raw_samples(epoch, slot, num_workers, errors)):
@@ -229,15 +230,28 @@ class ShardStream(IterableDataset):
                     yield self.message(slot, WorkerPosition(epoch, i + 1, buckets.pending(), errors.seen), skips,
                                        full)
             if valid == 0 and skip_to == 0 and cfg.epochs is None:
-                raise RuntimeError(f"reader slot {slot} of rank {self.rank.rank} got no valid sample from its shards "
-                                   f"{self.epoch_shards(epoch, slot, num_workers)} in epoch {epoch} (skipped: "
-                                   f"{dict(skips.counts)}); fix or remove those shards (see the warnings above)")
+                self.check_not_barren(barren, epoch, slot, num_workers, skips)
+            elif valid:
+                barren.clear()
             for rest in buckets.flush():
                 held = buckets.pending()
                 position = WorkerPosition(epoch, total, held, errors.seen) if held else WorkerPosition(epoch + 1)
                 yield self.message(slot, position, skips, rest)
             epoch, skip_to, pending, errors = epoch + 1, 0, set(), ShardErrors(skips)
         yield self.message(slot, WorkerPosition(epoch), skips)  # the end of a finite run: the last counts
+
+    def check_not_barren(self, barren: set[str], epoch: int, slot: int, num_workers: int, skips: SkipCounter
+                         ) -> None:
+        """A slot whose epoch gave no valid sample goes on with the next epoch, which deals it other shards; only
+        when its barren epochs have covered every shard does the data set hold no usable sample, an error."""
+        drawn = self.epoch_shards(epoch, slot, num_workers)
+        barren.update(drawn)
+        if len(barren) == len(self.shards):
+            raise RuntimeError(f"none of the {len(self.shards)} shards holds a valid sample (reader slot {slot} of "
+                               f"rank {self.rank.rank} drew every one of them in epochs up to {epoch}; skipped: "
+                               f"{dict(skips.counts)}); fix or remove those shards (see the warnings above)")
+        log.warning("reader slot %d of rank %d: epoch %d gave no valid sample (its shards %s); going on with the next "
+                    "epoch's shards", slot, self.rank.rank, epoch, drawn[:5])
 
     @staticmethod
     def message(slot: int, position: WorkerPosition, skips: SkipCounter, samples: list[dict] | None = None) -> dict:

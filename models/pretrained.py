@@ -116,38 +116,52 @@ class PretrainedModel(nn.Module):
         path = Path(path)
         if graft is not None and not isinstance(graft, GraftSpec):
             graft = GraftSpec.from_yaml(graft)
-        if path.is_dir():
+        config, layout = cls.config_from_path(path, preset, **config_overrides)
+        if layout == "native":
             folder = component_folder(path, "transformer")
-            config_file = folder / "config.json"
-            if not config_file.is_file():
-                raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
-            raw = json.loads(config_file.read_text())
-            if raw.get("_class_name") == cls.__name__:
-                return cls._load_native(folder, raw, dtype, config_overrides, graft)
-            if raw.get("_class_name") in cls.diffusers_class_names:
-                config = cls.config_from_diffusers(raw, **config_overrides)
-                state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
-                return cls._instantiate(config, state, str(folder), dtype)
-            raise ConfigError(f"{config_file}: _class_name {raw.get('_class_name')!r} is not one of "
-                              f"{(cls.__name__,) + cls.diffusers_class_names}")
-        preset = preset or cls.preset_from_filename(path)
-        if preset is None and not config_overrides:
-            raise ConfigError(f"{path}: original checkpoints carry no architecture; pass preset= one of "
-                              f"{sorted(cls.presets)} or explicit config keys")
-        config = cls.make_config(preset, **config_overrides)
+            graft_file = folder / GRAFT_FILE
+            if graft is None and graft_file.is_file():
+                graft = GraftSpec.from_yaml(graft_file)
+            return cls._instantiate(config, read_state_dict(folder / NATIVE_WEIGHTS), str(folder), dtype, graft=graft)
+        if layout == "diffusers":
+            folder = component_folder(path, "transformer")
+            state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
+            return cls._instantiate(config, state, str(folder), dtype)
         key = ("state_dict_ema" if path.suffix == ".pth" else "ema") if ema else None
         return cls._instantiate(config, read_state_dict(path, key=key), str(path), dtype, original=True,
                                 graft=graft)
 
     @classmethod
-    def _load_native(cls, folder: Path, raw: dict[str, Any], dtype, overrides, graft):
-        config = from_dict(cls.config_class, {**{k: v for k, v in raw.items() if not k.startswith("_")},
-                                              **overrides}, where=str(folder / "config.json"))
-        graft_file = folder / GRAFT_FILE
-        if graft is None and graft_file.is_file():
-            graft = GraftSpec.from_yaml(graft_file)
-        state = read_state_dict(folder / NATIVE_WEIGHTS)
-        return cls._instantiate(config, state, str(folder), dtype, graft=graft)
+    def config_from_path(cls, path: str | Path, preset: str | None = None, **config_overrides) -> tuple[Any, str]:
+        """The architecture of the checkpoint at `path`, read without its weights, and its layout: `native` (our
+        export folder), `diffusers` (a diffusers folder), or `original` (a checkpoint file; the architecture
+        from `preset`, or the file name, plus `config_overrides`)."""
+        path = Path(path)
+        if path.is_dir():
+            folder = component_folder(path, "transformer")
+            config_file = folder / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
+            try:
+                raw = json.loads(config_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{config_file}: not valid JSON ({err})") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{config_file}: expected a JSON object")
+            if raw.get("_class_name") == cls.__name__:
+                return from_dict(cls.config_class, {**{k: v for k, v in raw.items() if not k.startswith("_")},
+                                                    **config_overrides}, where=str(config_file)), "native"
+            if raw.get("_class_name") in cls.diffusers_class_names:
+                return cls.config_from_diffusers(raw, **config_overrides), "diffusers"
+            raise ConfigError(f"{config_file}: _class_name {raw.get('_class_name')!r} is not one of "
+                              f"{(cls.__name__,) + cls.diffusers_class_names}")
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        preset = preset or cls.preset_from_filename(path)
+        if preset is None and not config_overrides:
+            raise ConfigError(f"{path}: original checkpoints carry no architecture; pass preset= one of "
+                              f"{sorted(cls.presets)} or explicit config keys")
+        return cls.make_config(preset, **config_overrides), "original"
 
     @classmethod
     def _instantiate(cls, config, state: StateDict, source: str, dtype, original: bool = False,
