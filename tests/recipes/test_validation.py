@@ -86,14 +86,16 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
 def test_graft_layers_are_checked_against_the_models_depth(tmp_path):
     with pytest.raises(ConfigError, match=r"graft: grafts\[0\].layers: block indexes \[4, 9\] are outside 0..3 "
                                           r"\(model depth 4\)"):
-        preflight(tmp_path, DIT, ["graft.grafts=[{type: mha, name: hyena_y, config: {}, layers: {indexes: [1, 4, 9]}}]"])
+        preflight(tmp_path, DIT, ["graft.grafts=[{type: mha, name: hyena_y, config: {}, "
+                                  "layers: {indexes: [1, 4, 9]}}]"])
     with pytest.raises(ConfigError, match="split gives each rank its own students, but 2 students cannot cover 3"):
         preflight(tmp_path, DIT, ["stage1.mode=split"], world_size=3)
     preflight(tmp_path, DIT, ["stage1.mode=split"], world_size=2)
 
 
 def test_the_pretrained_model_must_exist_and_be_whole(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--set 'model.pretrained=nowhere': model.pretrained: no such file or folder nowhere"):
+    with pytest.raises(ConfigError, match=r"^--set 'model.pretrained=nowhere': model.pretrained: no such file or "
+                                          r"folder nowhere"):
         preflight(tmp_path, DIT, ["model.pretrained=nowhere"])
     folder = DiT(DiT.make_config("tiny")).save_pretrained(tmp_path / "export")
     preflight(tmp_path, DIT, [f"model.pretrained={folder}"])
