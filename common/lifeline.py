@@ -17,10 +17,12 @@ PR_SET_PDEATHSIG = 1
 WATCH_INTERVAL = 1.0  # seconds between parent checks of the watchdog
 
 
-def launched_by_a_launcher() -> bool:
-    """torchrun and the deepspeed launcher set LOCAL_RANK for the workers they start (srun does not: there the
-    parent is slurmstepd, which ends the job's tasks itself)."""
-    return "LOCAL_RANK" in os.environ
+def end_with_launcher() -> None:
+    """`exit_with_parent` in a worker of torchrun or the deepspeed launcher: they set LOCAL_RANK for the workers
+    they start. Elsewhere nothing changes (under srun the parent is slurmstepd, which ends the job's tasks itself;
+    a plain `python` may outlive its shell on purpose)."""
+    if "LOCAL_RANK" in os.environ:
+        exit_with_parent()
 
 
 def exit_with_parent() -> None:

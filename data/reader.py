@@ -31,6 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from common.lifeline import exit_with_parent
 from common.runtime import Rank, parse_dtype
 from data.batching import ShapeBuckets, collate
 from data.sample_format import LABEL, LATENT, LATENT_FLIP, TENSORS, TEXT, SampleError, tensor_layout
@@ -296,7 +297,8 @@ class ShardLoader:
         stream = ShardStream(self.config, self.shards, self.rank, list(self.positions), self.next_slot)
         text_tokens = self.config.caption_tokens if self.config.kind == "text" else None
         dtype = parse_dtype(self.config.dtype) if self.config.dtype else None
-        for plan in DataLoader(stream, batch_size=None, num_workers=self.config.num_workers):
+        for plan in DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                               worker_init_fn=_end_with_the_reader):
             slot = plan["_slot"]
             self.positions[slot] = WorkerPosition(**plan["_position"])
             self.skipped.update(plan["_skipped"])
@@ -333,6 +335,11 @@ class ShardLoader:
         self.positions = [WorkerPosition(**p) for p in state["positions"]]
         self.next_slot, self.batches = state["next_slot"], state["batches"]
         self.skipped = Counter(state["skipped"])
+
+
+def _end_with_the_reader(worker_id: int) -> None:
+    """A DataLoader worker ends at once when the process it reads for dies (SIGKILL, OOM), not seconds later."""
+    exit_with_parent()
 
 
 def _comparable(fingerprint: dict) -> dict:

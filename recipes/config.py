@@ -188,8 +188,8 @@ def validate(recipe: Recipe, sources: Sources) -> None:
         raise sources.error("stage1.loss", f"{bad_losses}: keys mha/mlp, values l1/l2/huber")
     for stage in ("stage1", "stage2"):
         if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
-            raise sources.error(f"{stage}.shards", "this or data.train (a shard pattern) is required for "
-                                "data.source=shards")
+            raise ConfigError(f"{sources.of('data.source')}: data.source is shards, so {stage}.shards or "
+                              "data.train (a shard pattern) is required")
     reader, defaults = recipe.data.reader, ReaderConfig()
     for name, source in RECIPE_READER_FIELDS.items():
         if getattr(reader, name) != getattr(defaults, name):

@@ -89,7 +89,7 @@ def run(*, stage: Stage, checkpoints: CheckpointManager, runlog: RunLog, seed: i
             if not all_ranks_true(bool(torch.isfinite(loss.detach()).all())):
                 where = f"samples {batch['keys']}" if not torch.isfinite(loss.detach()).all() else \
                     "a batch on another rank"
-                raise NonFiniteLossError(f"{stage.name}: non-finite loss at step {step} (micro-batch {micro}) "
+                raise NonFiniteLossError(f"{stage.name}: non-finite loss at step {step + 1} (micro-batch {micro}) "
                                          f"from {where}; last good checkpoint: {checkpoints.latest()}")
             stage.engine.backward(loss)
             stage.engine.step()

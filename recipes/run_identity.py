@@ -297,8 +297,12 @@ def check_resume_path(out: Path, path: Path, run_id: str, status: dict[str, str]
     if stage is None:
         raise RunFolderError(f"--resume {path}: not a checkpoint folder of this run's stages "
                              f"({out}/stage1/checkpoints/stepNNNNNNNN or stage2/…)")
-    if (read_stamp(path) or {}).get("run_id") != run_id:
-        raise RunFolderError(f"--resume {path}: not a complete checkpoint of run {run_id}")
+    stamp = read_stamp(path)
+    if stamp is None:
+        raise RunFolderError(f"--resume {path}: not a complete checkpoint (no readable COMPLETE marker)")
+    if stamp.get("run_id") != run_id:
+        raise RunFolderError(f"--resume {path}: a checkpoint of run {stamp.get('run_id')!r}, not of this folder's "
+                             f"run {run_id}; a run resumes only from its own checkpoints")
     if status[stage] == "done":
         raise RunFolderError(f"--resume {path}: {stage} has finished; resuming it from an earlier checkpoint would "
                              "leave later outputs made from another history. Pass --start-over to redo the run")

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.files import save_text
-from common.lifeline import exit_with_parent, launched_by_a_launcher
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, setup_logging
 from models.weights import CheckpointError
+from recipes.checkpoints import ResumeError
 from recipes.config import dump_recipe, read_recipe
 from recipes.distributed import all_ranks_true, barrier, init_process_group
 from recipes.preflight import check_inputs
@@ -66,8 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    if launched_by_a_launcher():
-        exit_with_parent()
+    end_with_launcher()
     args = parse_args(argv)
     # DeepSpeed calls torch.distributed functions torch has renamed; the warnings are not actionable here
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated", category=FutureWarning)
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         return fail(refusal, rank) if rank == 0 else fail(None, rank)
     try:
         return run_stages(args, recipe, rank, world_size, RunRecord.read(out / RUN_FILE))
+    except (*USER_ERRORS, ResumeError) as err:  # a bad checkpoint, or one of another run: no traceback
+        return fail(err, rank, every_rank=True)
     finally:
         if lock is not None:
             lock.release()
@@ -137,10 +139,11 @@ def resume_of(resume: str, out: Path, stage: str) -> str:
     return resume if Path(resume).resolve().parent == (out / stage / "checkpoints").resolve() else "auto"
 
 
-def fail(err: BaseException | None, rank: int) -> None:
-    """End the job over a user error: rank 0 says what is wrong (once, without a traceback); exit status 2."""
-    if err is not None and rank == 0:
-        print(f"error: {err}", file=sys.stderr)
+def fail(err: BaseException | None, rank: int, every_rank: bool = False) -> None:
+    """End the job over a user error, saying what is wrong without a traceback; exit status 2. Errors every rank
+    finds alike are told by rank 0 only."""
+    if err is not None and (rank == 0 or every_rank):
+        print(f"error{f' (rank {rank})' if every_rank else ''}: {err}", file=sys.stderr)
     raise SystemExit(2)
 
 

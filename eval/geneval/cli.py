@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from common.files import file_sha256
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from eval.geneval.colours import ClipColorClassifier
 from eval.geneval.detections import (
@@ -109,6 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     rank = Rank.from_env()
     setup_logging(rank.rank)

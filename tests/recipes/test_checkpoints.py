@@ -175,3 +175,29 @@ def test_fewer_steps_than_the_checkpoint_reached_is_an_error(tmp_path):
     run(exploding_stage(2), tmp_path)
     with pytest.raises(ResumeError, match=r"step00000002 is at step 2, past the stage's 1 steps"):
         run(exploding_stage(1), tmp_path)
+
+
+def test_deepspeeds_files_are_read_weights_only_with_its_few_records(tmp_path, monkeypatch):
+    """What DeepSpeed stores beside tensors (loss scaler, ZeRO stage, fragment addresses) loads; a crafted pickle
+    in any of its files (model states, ZeRO optimizer partitions) is refused unread."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from recipes.deepspeed_loading import WeightsOnlyCheckpointEngine
+
+    engine = WeightsOnlyCheckpointEngine()
+    records = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                        "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+                                        "base_optimizer_state": {"state": {0: {"exp_avg": torch.ones(4)}}}}}
+    torch.save(records, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    loaded = engine.load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), map_location="cpu")
+    assert loaded["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
+    assert loaded["optimizer_state_dict"]["param_slice_mappings"][0]["w"].numel == 4
+    marker = tmp_path / "MARKER"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        craft(tmp_path / name, marker)
+        with pytest.raises(CheckpointError, match=rf"{name}: refused"):
+            engine.load(str(tmp_path / name), map_location=lambda storage, loc: storage)
+    assert not marker.exists()

@@ -153,7 +153,8 @@ def test_resume_path_must_be_a_checkpoint_of_this_run_and_an_unfinished_stage(tm
     mine = checkpoint(tmp_path, "stage1", 100, run.run_id)
     assert start(tmp_path, resume=str(mine)).run_id == run.run_id
     other = checkpoint(tmp_path, "stage1", 200, "another")
-    with pytest.raises(RunFolderError, match=rf"--resume {other}: not a complete checkpoint of run {run.run_id}"):
+    with pytest.raises(RunFolderError, match=rf"--resume {other}: a checkpoint of run 'another', not of this "
+                                             rf"folder's run {run.run_id}"):
         start(tmp_path, resume=str(other))
     with pytest.raises(RunFolderError, match=r"not a checkpoint folder of this run's stages"):
         start(tmp_path, resume=str(tmp_path / "elsewhere" / "step00000100"))

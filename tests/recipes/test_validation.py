@@ -139,3 +139,21 @@ def test_pixart_students_folder_passes(tmp_path):
     for path, operator in spec.build_operators(model).items():
         save_safetensors(operator.state_dict(), folder / f"{path}.safetensors")
     preflight(tmp_path, PIXART, students=folder)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["stage1.steps=-5"], "error: --set 'stage1.steps=-5': stage1.steps: must be an integer ≥ 1, got -5"),
+    (["data.caption_dropout=0.1", "data.null_caption=missing.safetensors"],
+     "error: --set 'data.null_caption=missing.safetensors': data.null_caption: no such file missing.safetensors"),
+])
+def test_train_refuses_a_bad_recipe_before_any_work(tmp_path, capsys, sets, message):
+    from recipes.train import main
+
+    out = tmp_path / "run"
+    argv = [str(write(tmp_path, PIXART)), "--set", f"output_dir={out}"]
+    for item in sets:
+        argv += ["--set", item]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith(message)
+    assert not out.exists()  # nothing was started, nothing written
