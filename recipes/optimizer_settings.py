@@ -5,10 +5,13 @@ settings of the freshly built engine are taken before the load and put back afte
 (its step) is the checkpoint's, and the lr is recomputed there from the new settings."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 
 def _scheduler(engine: Any) -> Any:
@@ -41,6 +44,9 @@ class OptimizerSettings:
         if self.clip_grad is not None:
             engine.optimizer.clip_grad = self.clip_grad
         if self.base_lrs is None:
+            if scheduler is not None:
+                log.warning("%s keeps no base lr: the lr goes on from the checkpoint's, whatever the recipe's lr "
+                            "now is", type(scheduler).__name__)
             return
         scheduler.base_lrs = list(self.base_lrs)
         for i, group in enumerate(engine.optimizer.param_groups):

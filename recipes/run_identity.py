@@ -26,6 +26,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from common.config import to_dict
 from common.files import file_sha256, json_sha256, save_json
 from data.reader import resolve_shards
@@ -167,19 +169,27 @@ class HashCache:
         except ValueError:
             self.known = {}
 
+    def remembered(self, file: Path) -> str | None:
+        """The hash of `file` if it has not changed since it was hashed."""
+        stat, entry = file.stat(), self.known.get(str(file.resolve()))
+        return entry[2] if entry and entry[:2] == [stat.st_size, stat.st_mtime_ns] else None
+
     def file(self, file: Path) -> str:
-        stat = file.stat()
-        key = str(file.resolve())
-        entry = self.known.get(key)
-        if entry and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return entry[2]
-        digest = file_sha256(file)
-        self.known[key] = [stat.st_size, stat.st_mtime_ns, digest]
+        digest = self.remembered(file)
+        if digest is None:
+            stat = file.stat()
+            digest = file_sha256(file)
+            self.known[str(file.resolve())] = [stat.st_size, stat.st_mtime_ns, digest]
         return digest
 
     def files(self, files: Sequence[Path]) -> str:
         """One digest for a list of files: their names and contents, in order."""
-        return json_sha256([[f.name, self.file(f)] for f in files])
+        new = [f for f in files if self.remembered(f) is None]
+        if new:
+            log.info("hashing %d files (%.1f GB) for the run record; later jobs re-read only files that change",
+                     len(new), sum(f.stat().st_size for f in new) / 1e9)
+        return json_sha256([[f.name, self.file(f)] for f in tqdm(files, desc="hashing inputs", leave=False,
+                                                                    disable=len(new) < 100)])
 
     def save(self) -> None:
         if self.path.parent.is_dir():

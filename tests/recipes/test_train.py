@@ -109,14 +109,13 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     assert stage2[-1] < stage2[0]
 
 
-def kill_tree(root: psutil.Process) -> list[psutil.Process]:
-    """SIGKILL `root` and every process under it (torchrun starts each worker in a session of its own, so a
-    process group is not enough); returns the processes that are still running 10 s later."""
-    tree = [root, *root.children(recursive=True)]
-    for process in tree:
+def kill_all(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """SIGKILL every process of a tree (torchrun starts each worker in a session of its own, so killing a process
+    group is not enough); returns the processes still running 10 s later."""
+    for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    return still_running(tree, 10)
+    return still_running(processes, 10)
 
 
 def still_running(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
@@ -139,6 +138,7 @@ def run_until(out: Path, sets: list[str], checkpoint: Path, launcher_only: bool 
     process = subprocess.Popen(command(out, sets), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     launcher = psutil.Process(process.pid)
+    tree = [launcher]
     try:
         deadline = time.time() + 600
         while not (checkpoint / "COMPLETE").is_file():
@@ -146,14 +146,17 @@ def run_until(out: Path, sets: list[str], checkpoint: Path, launcher_only: bool 
                 raise AssertionError(f"run ended or timed out before {checkpoint} was written")
             time.sleep(0.02)
         workers = launcher.children(recursive=True)
+        tree += workers
         assert len(workers) >= 2, workers
         if launcher_only:
             launcher.kill()
             process.wait()
             left = still_running(workers, 5)
-            assert not left, f"workers outlived their killed launcher: {[p.cmdline()[-6:] for p in left]}"
+            assert not left, f"workers outlived their killed launcher: {left}"
     finally:
-        left = kill_tree(launcher)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree += [p for p in launcher.children(recursive=True) if p not in tree]
+        left = kill_all(tree)
         process.wait()
     assert not left, f"still running after kill -9 of the whole tree: {left}"
 
