@@ -17,6 +17,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from common.config import ConfigError
 from common.files import save_text
@@ -24,7 +25,7 @@ from common.lifeline import end_with_launcher
 from common.runtime import Rank, setup_logging
 from models.weights import CheckpointError
 from recipes.checkpoints import ResumeError
-from recipes.config import dump_recipe, read_recipe
+from recipes.config import Recipe, dump_recipe, read_recipe
 from recipes.distributed import all_ranks_true, barrier, init_process_group
 from recipes.preflight import check_inputs
 from recipes.run_identity import (
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         check_inputs(recipe, sources, Rank.from_env().world_size,
                      (args.students or best_dir(recipe)) if args.stage == "2" else None)
     except USER_ERRORS as err:
-        return fail(err, Rank.from_env().rank)
+        fail(err, Rank.from_env().rank)
     rank, world_size = init_process_group()
     setup_logging(rank)
     out = recipe.out
@@ -90,22 +91,25 @@ def main(argv: list[str] | None = None) -> Path | None:
             save_text(dump_recipe(recipe), out / RECIPE_FILE)
             log.info("recipe %s → %s, run %s (%d rank%s)", recipe.name, out, record.run_id, world_size,
                      "s" * (world_size > 1))
-        except USER_ERRORS as err:
+        except Exception as err:  # noqa: BLE001 (told to every rank first, so that none waits for rank 0)
             refusal = err
             if lock is not None:
                 lock.release()
     if not all_ranks_true(refusal is None):
-        return fail(refusal, rank) if rank == 0 else fail(None, rank)
+        if refusal is not None and not isinstance(refusal, USER_ERRORS):
+            raise refusal
+        fail(refusal, rank)
     try:
         return run_stages(args, recipe, rank, world_size, RunRecord.read(out / RUN_FILE))
     except (*USER_ERRORS, ResumeError) as err:  # a bad checkpoint, or one of another run: no traceback
-        return fail(err, rank, every_rank=True)
+        fail(err, rank, every_rank=True)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run_stages(args: argparse.Namespace, recipe, rank: int, world_size: int, record: RunRecord) -> Path | None:
+def run_stages(args: argparse.Namespace, recipe: Recipe, rank: int, world_size: int, record: RunRecord
+               ) -> Path | None:
     from recipes.stage1 import run_stage1  # imported after the process group: DeepSpeed set-up
     from recipes.stage2 import run_stage2
 
@@ -139,7 +143,7 @@ def resume_of(resume: str, out: Path, stage: str) -> str:
     return resume if Path(resume).resolve().parent == (out / stage / "checkpoints").resolve() else "auto"
 
 
-def fail(err: BaseException | None, rank: int, every_rank: bool = False) -> None:
+def fail(err: BaseException | None, rank: int, every_rank: bool = False) -> NoReturn:
     """End the job over a user error, saying what is wrong without a traceback; exit status 2. Errors every rank
     finds alike are told by rank 0 only."""
     if err is not None and (rank == 0 or every_rank):
