@@ -1,12 +1,14 @@
 """`sbatch slurm/pixart_hyena_x.sh` on a real Slurm: the tiny recipe end to end on 2 ranks started by srun, a
-resubmission that skips every finished step, and `scontrol requeue` during stage 2, which resumes from the last
-checkpoint and exports the same weights, bit for bit, as the uninterrupted run."""
+resubmission that skips every finished step, and a stage 2 requeued twice (by the script's own time-limit handler,
+then by `scontrol requeue`), which resumes from its checkpoints and exports the same weights, bit for bit, as the
+uninterrupted run."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch
 from data.reader import ReaderConfig, ShardLoader
 from data.shard_writer import finished_shards
 from recipes.reporting import read_metrics
-from tests.slurm.conftest import FINAL_STATES, PROMPTS, finish, submit
+from tests.slurm.conftest import FINAL_STATES, PROMPTS, Cluster, Run, finish, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEP_NAMES = ["prompts", "generate-stage1", "generate-stage2", "generate-val", "null-caption", "stage1", "stage2",
@@ -91,28 +93,36 @@ def test_submitting_again_skips_every_finished_step(cluster, tiny_models, sbatch
     assert (sbatch_run.out / "export" / "model.safetensors").stat().st_mtime_ns == export
 
 
-def test_scontrol_requeue_in_stage2_resumes_to_the_same_weights(cluster, tiny_models, sbatch_run, tmp_path):
-    """Stage 2 alone, from the uninterrupted run's stage 1 and data; requeued once its first checkpoint exists.
-    The periodic checkpoints are the resume state: Slurm's SIGTERM ends the ranks without a save."""
+def test_time_limit_signal_and_scontrol_requeue_in_stage2_resume_to_the_same_weights(cluster, tiny_models,
+                                                                                      sbatch_run, tmp_path):
+    """Stage 2 alone, from the uninterrupted run's stage 1 and data. At its first checkpoint the job gets what
+    `--signal=B:USR1@300` sends before the time limit (the script requeues itself); at a later one, `scontrol
+    requeue`. The periodic checkpoints are the resume state: Slurm's SIGTERM ends the ranks without a save."""
     out = tmp_path / "run"
     shutil.copytree(sbatch_run.out / "stage1", out / "stage1")
     run = submit(cluster, tiny_models, tmp_path, out, sbatch_run.data, steps="stage2")
-    first = out / "stage2" / "checkpoints" / "step00000025" / "COMPLETE"
+    interrupt(cluster, run, out / "stage2" / "checkpoints" / "step00000025", "scancel", "--batch", "--signal=USR1")
+    interrupt(cluster, run, out / "stage2" / "checkpoints" / "step00000100", "scontrol", "requeue")
+    info = finish(cluster, run)
+    assert info["Restarts"] == "2"
+    log = run.log_text()
+    assert "run 3:" in log and log.count("time limit near, requeueing") == 1
+    resumed = [int(step) for step in re.findall(r"stage2: resumed from \S+ at step (\d+)", log)]
+    assert len(resumed) == 2 and 25 <= resumed[0] < 100 <= resumed[1] < 150, log[-3000:]
+    for name in ("export/model.safetensors", "export/config.json", "export/graft.yaml"):
+        assert (out / name).read_bytes() == (sbatch_run.out / name).read_bytes(), name
+
+
+def interrupt(cluster: Cluster, run: Run, checkpoint: Path, *command: str) -> None:
+    """Once `checkpoint` is complete, run `command JOB_ID`, which must requeue the job; then start it again at once
+    rather than after Slurm's requeue delay (about 2 minutes)."""
     deadline = time.time() + 600
-    while not first.is_file():
+    while not (checkpoint / "COMPLETE").is_file():
         assert cluster.job(run.job_id)["JobState"] in ("PENDING", "RUNNING"), run.log_text()[-3000:]
-        assert time.time() < deadline, "no stage-2 checkpoint after 10 minutes"
+        assert time.time() < deadline, f"no {checkpoint} after 10 minutes"
         time.sleep(0.05)
-    cluster.run("scontrol", "requeue", run.job_id)
+    cluster.run(*command, run.job_id)
     while (state := cluster.job(run.job_id)["JobState"]) != "PENDING":  # Slurm ends the running job first
         assert state not in FINAL_STATES and time.time() < deadline, state
         time.sleep(0.2)
-    cluster.run("scontrol", "update", f"JobId={run.job_id}", "StartTime=now")  # rather than Slurm's ~2 min delay
-    info = finish(cluster, run)
-    assert info["Restarts"] == "1"
-    log = run.log_text()
-    assert "run 2:" in log
-    resumed = [int(step) for step in re.findall(r"stage2: resumed from \S+ at step (\d+)", log)]
-    assert len(resumed) == 1 and 25 <= resumed[0] < 150, log[-3000:]
-    for name in ("export/model.safetensors", "export/config.json", "export/graft.yaml"):
-        assert (out / name).read_bytes() == (sbatch_run.out / name).read_bytes(), name
+    cluster.run("scontrol", "update", f"JobId={run.job_id}", "StartTime=now")
