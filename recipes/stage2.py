@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 def grafted_model(recipe: Recipe, students_dir: Path | None) -> tuple[PretrainedModel, GraftSpec]:
     """The teacher with its targeted operators replaced: by the stage-1 students, or fresh if none are given."""
     model = build_teacher(recipe)
+    # fresh operators and LoRA weights: the same in every run (torch seeds its default generator at random), with
+    # or without stage 1 earlier in the process
+    torch.manual_seed(recipe.seed)
     spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
     students = load_students(students_dir, spec, model) if students_dir is not None else None
     spec.apply(model, students)
