@@ -64,6 +64,17 @@ def model_sha256(path: str | Path, *components: str) -> str:
     return file_sha256(*sorted(files))
 
 
+def is_grafted(path: str | Path) -> bool:
+    """Whether a model folder (or a pipeline folder's transformer/) holds a grafted model: our export folders carry
+    graft.yaml, folders diffusers saved through models.diffusers_transformers a `graft` in config.json."""
+    path = local_path(path, "model")
+    if not path.is_dir():
+        return False
+    folder = component_folder(path, "transformer")
+    return (folder / GRAFT_FILE).is_file() or bool((folder / "config.json").is_file() and
+                                                   read_config(folder).get("graft"))
+
+
 class PretrainedModel(nn.Module):
     """Base for PixArt-Sigma and DiT: format detection, strict loading, and saving in every format."""
 

@@ -57,7 +57,10 @@ class ClipColorClassifier:
         weights were trained with it and give wrong features without it. A Hub repo id in the local cache works too."""
         import open_clip
 
-        path = local_path(path, "CLIP")
+        try:
+            path = local_path(path, "CLIP folder or weights file")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (see docs/geneval.md)") from None
         if path.is_dir() and not (path / "open_clip_config.json").is_file():
             found = [path / n for n in OPEN_CLIP_WEIGHTS if (path / n).is_file()]
             if not found:
