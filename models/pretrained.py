@@ -2,7 +2,6 @@
 files, and our own export folders (config + safetensors + optional graft spec)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, from_dict, to_dict
-from common.files import file_sha256, save_json
+from common.files import file_sha256, read_json_object, save_json
 from common.hub import local_path
 from models.graft import GraftSpec
 from models.weights import (
@@ -34,16 +33,9 @@ def component_folder(root: Path, name: str) -> Path:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """A model folder's config.json (diffusers or ours), with errors that name the file."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{config_file}: expected a JSON object")
-    return raw
+    return read_json_object(folder / "config.json")
 
 
 #: with the weights, these files decide what a model folder computes (tokenizer vocabularies included)

@@ -26,7 +26,7 @@ from huggingface_hub import EvalResult, ModelCardData
 from safetensors import safe_open
 
 from common.config import ConfigError, from_dict
-from common.files import save_json, save_text
+from common.files import read_json_object, save_json, save_text
 from common.hub import RepoRef, local_path
 from common.runtime import setup_logging
 from common.tables import markdown_table
@@ -100,16 +100,6 @@ def _report_file(path: Path, name: str, flag: str) -> Path:
     return file
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
-
-
 def _require(data: dict[str, Any], keys: tuple[str, ...], path: Path, what: str) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
@@ -157,25 +147,25 @@ def store_reports(folder: Path, geneval: Path | None = None, fid: Path | None = 
     copies: dict[str, Path] = {}
     if geneval is not None:
         copies["geneval"] = _report_file(geneval, "scores.json", "--geneval")
-        check_geneval(_read_json(copies["geneval"]), copies["geneval"], folder)
+        check_geneval(read_json_object(copies["geneval"]), copies["geneval"], folder)
     if fid is not None:
         copies["fid"] = _report_file(fid, "fid_results.json", "--fid")
-        results = _read_json(copies["fid"])
+        results = read_json_object(copies["fid"])
         copies["fid_sampling"] = Path(results.get("samples", copies["fid"])).parent / FID_SETTINGS
         if not copies["fid_sampling"].is_file():
             raise FileNotFoundError(f"{copies['fid']}: its samples' {FID_SETTINGS} ({copies['fid_sampling']}) is "
                                     "missing; the card needs it to know which weights drew the samples")
-        check_fid(results, _read_json(copies["fid_sampling"]), copies["fid"], folder)
+        check_fid(results, read_json_object(copies["fid_sampling"]), copies["fid"], folder)
     if speed is not None:
         copies["speed"] = _report_file(speed, "speed.json", "--speed")
-        check_speed(_read_json(copies["speed"]), copies["speed"], config, graft)
+        check_speed(read_json_object(copies["speed"]), copies["speed"], config, graft)
     for key, source in copies.items():
         save_text(source.read_text(encoding="utf-8"), card / REPORTS[key])
 
 
 def _stored(folder: Path, key: str) -> dict[str, Any] | None:
     path = folder / CARD_DIR / REPORTS[key]
-    return _read_json(path) if path.is_file() else None
+    return read_json_object(path) if path.is_file() else None
 
 
 # ---- reading the export ----------------------------------------------------------------------------------------
@@ -269,7 +259,7 @@ def _data(pattern: str | None) -> str:
     info = Path(pattern.split("*")[0].split("{")[0])
     info = (info if info.is_dir() else info.parent) / DATASET_INFO
     if info.is_file():
-        d = _read_json(info)
+        d = read_json_object(info)
         if "num_prompts" in d:
             text += (f": {d['num_prompts']:,} prompts drawn by the teacher at {d['width']}×{d['height']}, "
                      f"{d['steps']} steps, CFG {d['cfg']:g}")
@@ -429,7 +419,7 @@ def render_card(folder: Path, options: CardOptions) -> str:
 def card_options(folder: Path, given: CardOptions | None = None) -> CardOptions:
     """The options stored in card/card.json, updated with the given ones that are set."""
     stored = folder / CARD_DIR / OPTIONS_FILE
-    previous = asdict(from_dict(CardOptions, _read_json(stored), where=str(stored))) if stored.is_file() else {}
+    previous = asdict(from_dict(CardOptions, read_json_object(stored), where=str(stored))) if stored.is_file() else {}
     return CardOptions(**{**previous, **{k: v for k, v in asdict(given or CardOptions()).items() if v is not None}})
 
 
@@ -464,7 +454,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     setup_logging()
     options = CardOptions(args.hub_id, args.base_model, args.license, args.code_url)
-    readme = write_model_card(args.export, options, args.geneval, args.fid, args.speed)
+    try:
+        readme = write_model_card(args.export, options, args.geneval, args.fid, args.speed)
+    except (ConfigError, FileNotFoundError) as err:  # bad input: the message says what to fix, nothing was written
+        raise SystemExit(f"model card: {err}") from None
     hub_id = card_options(args.export).hub_id or "YOUR-NAME/MODEL-NAME"
     log.info("wrote %s; to publish it (your call): hf upload %s %s .", readme, hub_id, args.export)
     return readme
