@@ -151,10 +151,13 @@ def store_reports(folder: Path, geneval: Path | None = None, fid: Path | None = 
     if fid is not None:
         copies["fid"] = _report_file(fid, "fid_results.json", "--fid")
         results = read_json_object(copies["fid"])
-        copies["fid_sampling"] = Path(results.get("samples", copies["fid"])).parent / FID_SETTINGS
-        if not copies["fid_sampling"].is_file():
-            raise FileNotFoundError(f"{copies['fid']}: its samples' {FID_SETTINGS} ({copies['fid_sampling']}) is "
-                                    "missing; the card needs it to know which weights drew the samples")
+        # beside the samples it names (a path relative to where `score` ran), or beside the results (the default)
+        places = [Path(results.get("samples", copies["fid"])).parent, copies["fid"].parent]
+        found = [p / FID_SETTINGS for p in places if (p / FID_SETTINGS).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{copies['fid']}: its samples' {FID_SETTINGS} is not in {places[0]} or "
+                                    f"{places[1]}; the card needs it to know which weights drew the samples")
+        copies["fid_sampling"] = found[0]
         check_fid(results, read_json_object(copies["fid_sampling"]), copies["fid"], folder)
     if speed is not None:
         copies["speed"] = _report_file(speed, "speed.json", "--speed")
