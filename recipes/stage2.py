@@ -23,6 +23,7 @@ from recipes.distributed import barrier
 from recipes.ema import EMA
 from recipes.engine import deepspeed_engine, full_state_dict
 from recipes.lora import attach_lora, merge_lora
+from recipes.model_card import write_model_card
 from recipes.reporting import RunLog
 from recipes.stage1 import load_students
 
@@ -132,6 +133,7 @@ def export(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int)
             merge_lora(model)
         model.save_pretrained(folder)
         save_text(dump_recipe(recipe), folder / "recipe.yaml")
+        write_model_card(folder, new_weights=True)
         log.info("exported the grafted model to %s", folder)
     barrier()
     return folder
