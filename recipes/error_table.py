@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.files import save_json
+from common.hub import hub_cache_dir
 from common.runtime import Rank
 from common.tables import markdown_table
 from data.reader import ReaderConfig, ShardLoader
@@ -99,7 +100,9 @@ def input_rows() -> Iterator[Row]:
     yield "a graft block beyond the model's depth", lambda f: load(
         f, ["graft.grafts=[{type: mha, name: hyena_y, config: {}, layers: {indexes: [2, 9]}}]"])
     yield "more ranks than students in `split` mode", lambda f: load(f, ["stage1.mode=split"], world_size=4)
-    yield "a pretrained model that is not there", lambda f: load(f, ["model.pretrained=weights/dit"])
+    yield "a pretrained model that is not there", lambda f: load(f, ["model.pretrained=./weights/dit"])
+    yield "a Hub id of a model not in the local Hugging Face cache", \
+        lambda f: load(f, ["model.pretrained=someone/dit-not-downloaded"])
 
     def truncated(folder: Path) -> None:
         export = DiT(DiT.make_config("tiny")).save_pretrained(folder / "export")
@@ -318,7 +321,8 @@ def message_of(what: str, action: Callable[[Path], None]) -> str:
         finally:
             os.chdir(cwd)
     for pattern, name in ((re.escape(str(folder.resolve())), "…"), (re.escape(tmp), "…"),
-                          (re.escape(socket.gethostname()), "HOST"), (rf"\bpid {os.getpid()}\b", "pid PID"),
+                          (re.escape(str(hub_cache_dir())), "HF_CACHE"), (re.escape(socket.gethostname()), "HOST"),
+                          (rf"\bpid {os.getpid()}\b", "pid PID"),
                           (r"\b[0-9a-f]{16}\b", "RUN_ID"), (r"\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4}", "TIME"),
                           (r"sha256 [0-9a-f]{12}…", "sha256 HASH…")):
         text = re.sub(pattern, name, text)

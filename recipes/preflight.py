@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from common.config import ConfigError
+from common.hub import local_path
 from data.reader import resolve_shards
 from models.graft import GraftSpec
 from models.pretrained import PretrainedModel, component_folder
@@ -62,9 +63,7 @@ def meta_model(recipe: Recipe, sources: Sources) -> PretrainedModel:
     key = "model.pretrained" if section.pretrained else "model.preset"
     try:
         if section.pretrained:
-            path = Path(section.pretrained)
-            if not path.exists():
-                raise FileNotFoundError(f"no such file or folder {path}")
+            path = local_path(section.pretrained, "model")  # a local path, or a Hub id in the local cache
             config, layout = cls.config_from_path(path, section.preset, **section.arch)
             check_weight_headers(path, layout)
         else:

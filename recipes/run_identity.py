@@ -200,7 +200,7 @@ def input_hashes(recipe: Recipe, students: Path | None, cache: HashCache) -> dic
     """Content hashes of every file the recipe reads, by the key that names it."""
     hashes: dict[str, str | None] = {}
     if recipe.model.pretrained:
-        hashes["model.pretrained" + CONTENTS] = model_sha256(Path(recipe.model.pretrained), "transformer")
+        hashes["model.pretrained" + CONTENTS] = model_sha256(recipe.model.pretrained, "transformer")
     if recipe.data.null_caption:
         hashes["data.null_caption" + CONTENTS] = cache.file(Path(recipe.data.null_caption))
     weights = [Path(w) for g in recipe.graft.get("grafts", []) for _, w in sorted((g.get("weights") or {}).items())]

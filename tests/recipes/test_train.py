@@ -102,6 +102,7 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
         assert f"{label} ran on: CausalDepthwiseConv1d: torch ×2" in run.stderr
     model = DiT.from_pretrained(tmp_path / "export")
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
+    assert "| self-attention | `hyena_y` | 1, 3 | 2 / 4 (50%) |" in (tmp_path / "export" / "README.md").read_text()
     last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
                       weights_only=True)["stage"]["ema"]
     assert torch.equal(model.state_dict()["blocks.1.attn.in_proj.weight"], last["blocks.1.attn.in_proj.weight"])

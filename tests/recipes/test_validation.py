@@ -94,8 +94,8 @@ def test_graft_layers_are_checked_against_the_models_depth(tmp_path):
 
 
 def test_the_pretrained_model_must_exist_and_be_whole(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--set 'model.pretrained=nowhere': model.pretrained: no such file or "
-                                          r"folder nowhere"):
+    with pytest.raises(ConfigError, match=r"^--set 'model.pretrained=nowhere': model.pretrained: model nowhere: no "
+                                          r"such file or folder"):
         preflight(tmp_path, DIT, ["model.pretrained=nowhere"])
     folder = DiT(DiT.make_config("tiny")).save_pretrained(tmp_path / "export")
     preflight(tmp_path, DIT, [f"model.pretrained={folder}"])
