@@ -44,6 +44,9 @@ DONE = "DONE"
 STAGES = ("stage1", "stage2")
 #: what a run writes into its folder; `--start-over` deletes exactly these
 RUN_OUTPUTS = (*STAGES, "export", RUN_FILE, RECIPE_FILE)
+#: what the pipelines of slurm/ derive from a run in its folder: their finished-step markers and the evaluations of
+#: its export; deleted with the run, so that none is taken for the new run's
+DERIVED_OUTPUTS = ("slurm", "geneval", "speed")
 CONTENTS = "#sha256"  # settings key suffix: the contents of the files a key names
 NOT_COMPARED = ("output_dir",)  # a moved run folder is the same run
 FORMAT = 1
@@ -288,7 +291,7 @@ def open_run(out: Path, current: RunRecord, resume: str, allow: Iterable[str] = 
 def delete_run(out: Path) -> None:
     """Remove what a run wrote into `out` (and only that)."""
     removed = []
-    for name in RUN_OUTPUTS:
+    for name in (*RUN_OUTPUTS, *DERIVED_OUTPUTS):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)

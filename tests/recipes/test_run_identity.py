@@ -105,8 +105,12 @@ def test_a_new_run_in_a_used_folder_needs_start_over(tmp_path):
                                              r"stage2: not started\). --resume auto continues it, --start-over"):
         start(tmp_path, resume="none")
     (tmp_path / "notes.txt").write_text("mine")
+    for derived in ("slurm/stage1.done", "geneval/scores.json"):  # what slurm/ pipelines made of the old run
+        (tmp_path / derived).parent.mkdir()
+        (tmp_path / derived).write_text("old")
     fresh = start(tmp_path, ["stage1.optim.lr=1e-3"], resume="none", start_over=True)
     assert fresh.run_id != run.run_id and not (tmp_path / "stage1").exists()
+    assert not (tmp_path / "slurm").exists() and not (tmp_path / "geneval").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only what a run writes is deleted
     assert stage_status(tmp_path, "stage1", fresh.run_id) == "not started"
 
