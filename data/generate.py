@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.files import check_or_record, json_sha256
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from data.prompts import read_prompts
 from data.sample_format import IMAGE_FORMATS, LATENT, TEXT, encode_image, shard_sample, valid_tokens
@@ -101,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     rank = Rank.from_env()
     setup_logging(rank.rank)

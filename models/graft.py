@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from common.config import ConfigError
+from common.config import ConfigError, from_dict, read_yaml
 from common.files import save_text
 from models.operators import build, check_config, load_settings, operator_info, settings_operator, with_length
 from models.weights import load_strict, read_state_dict
@@ -106,7 +106,7 @@ class GraftSpec:
     def from_yaml(cls, path: str | Path) -> GraftSpec:
         """Our spec format or a paper sampling YAML; operator `config_filepath`s are resolved near the file."""
         path = Path(path)
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a YAML mapping")
         return cls.from_dict(data, where=str(path), base=path.parent)
@@ -224,8 +224,11 @@ def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
     unknown = sorted(set(layers) - {"indexes", "ratio", "pattern", "every", "offset"})
     if unknown:
         raise ConfigError(f"{where}.layers: unknown keys {unknown}")
-    graft = Graft(entry["type"], entry["name"], dict(config), LayerSelection(**layers),
-                  {int(k): str(v) for k, v in (entry.get("weights") or {}).items()})
+    weights = entry.get("weights") or {}
+    if not isinstance(weights, dict) or not all(isinstance(k, int) or str(k).isdigit() for k in weights):
+        raise ConfigError(f"{where}.weights: expected a mapping of block index → checkpoint path, got {weights!r}")
+    graft = Graft(entry["type"], entry["name"], dict(config), from_dict(LayerSelection, layers, f"{where}.layers"),
+                  {int(k): str(v) for k, v in weights.items()})
     graft.validate(where)
     try:
         check_config(graft.name, graft.config, partial=True)
@@ -245,7 +248,7 @@ def operator_config(entry: dict[str, Any], base: Path | None, where: str) -> dic
         if not isinstance(file, str):
             raise ConfigError(f"{where}: config_filepath must be a path, got {file!r}")
         path = find_config_file(file, base)
-        config = yaml.safe_load(path.read_text()) or {}
+        config = read_yaml(path) or {}
         if not isinstance(config, dict):
             raise ConfigError(f"{path}: an operator config must be a YAML mapping")
     inline = entry.get("config") or {}

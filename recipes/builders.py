@@ -33,12 +33,11 @@ def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: 
     `data.reader` says; `shards` overrides data.train for a stage. Validation batches are neither shuffled nor
     flipped."""
     data, val = recipe.data, split == "val"
-    reader = data.reader
-    check_reader_fits(reader, model)
+    check_reader_fits(data.reader, model)
+    reader = model_reader(data.reader, model)
     if data.source == "synthetic":
         config = model.config
-        side = config.sample_size if recipe.model.family == "pixart" else config.input_size
-        height, width = reader.latent_size or (side, side)
+        height, width = reader.latent_size
         return SyntheticBatches(
             recipe.model.family, (config.in_channels, height, width), reader.batch_size,
             data.synthetic_val_samples if val else data.synthetic_samples,
@@ -51,6 +50,19 @@ def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: 
                      seed=recipe.seed + int(val), shuffle_buffer=0 if val else reader.shuffle_buffer,
                      flip=reader.flip and not val)
     return ShardLoader(config, Rank(rank, world_size))
+
+
+def model_latent_size(model: PretrainedModel) -> tuple[int, int]:
+    """The (h, w) of the latents the model was trained on."""
+    side = getattr(model.config, "sample_size", None) or model.config.input_size
+    return side, side
+
+
+def model_reader(reader: ReaderConfig, model: PretrainedModel) -> ReaderConfig:
+    """The reader settings with the model's shapes filled in where the recipe leaves them open: latents of the
+    model's size and text features of its width; other samples are skipped and counted, never trained on."""
+    text_dim = reader.text_dim or getattr(model.config, "caption_channels", None)
+    return replace(reader, latent_size=tuple(reader.latent_size or model_latent_size(model)), text_dim=text_dim)
 
 
 def check_reader_fits(reader: ReaderConfig, model: PretrainedModel) -> None:

@@ -2,15 +2,17 @@
 `--set a.b=c` overrides. The DeepSpeed config and the graft spec are derived from it, never kept separately."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
+from common.config import ConfigError, deep_merge, from_dict, parse_assignments, read_yaml, to_dict
 from data.reader import ReaderConfig
 from models.graft import GraftSpec, inline_config_files
+from recipes.validation import Sources, check_values
 
 
 @dataclass
@@ -129,44 +131,77 @@ class Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe (following `base:` files), apply `a.b=value` overrides, and validate every key."""
+    return read_recipe(path, overrides)[0]
+
+
+def read_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Sources]:
+    """`load_recipe`, and where each value came from (errors name the file or the `--set` that set a key)."""
     path = Path(path)
-    data = _read_with_bases(path, seen=())
+    sources = Sources(path)
+    data = _read_with_bases(path, seen=(), sources=sources)
+    stages = [("", copy.deepcopy(data))]  # the data before any override, then after each one
     for item in overrides:
         for key, value in parse_assignments([item], "--set", "stage2.optim.lr=5e-5").items():
             _set_dotted(data, key, value, where=f"--set {item!r}")
-    if "graft" in data:  # operator files given with --set are named relative to the working directory
-        data["graft"] = inline_config_files(data["graft"], Path.cwd(), "--set graft")
-    recipe = from_dict(Recipe, data, where=str(path))
-    validate(recipe, str(path))
-    return recipe
+            sources.record(value, f"--set {item!r}", prefix=key)
+        stages.append((f"--set {item!r}", copy.deepcopy(data)))
+    recipe = _typed(stages, path)
+    validate(recipe, sources)
+    check_values(to_dict(recipe), sources)
+    return recipe, sources
 
 
-def validate(recipe: Recipe, where: str) -> None:
+def _typed(stages: list[tuple[str, dict[str, Any]]], path: Path) -> Recipe:
+    """The last stage as a Recipe; an error is blamed on the override that introduced it (or on the file)."""
+    try:
+        return from_dict(Recipe, _inlined(stages[-1][1]), where=str(path))
+    except ConfigError as err:
+        message = str(err)
+        for origin, data in stages[:-1]:
+            try:
+                from_dict(Recipe, _inlined(data), where=str(path))
+            except ConfigError as earlier:
+                if str(earlier) == message:
+                    raise _blame(err, origin, path) from None
+        raise _blame(err, stages[-1][0], path) from None
+
+
+def _inlined(data: dict[str, Any]) -> dict[str, Any]:
+    """Operator files given with --set are named relative to the working directory."""
+    if "graft" in data:
+        data = {**data, "graft": inline_config_files(data["graft"], Path.cwd(), "--set graft")}
+    return data
+
+
+def _blame(err: ConfigError, origin: str, path: Path) -> ConfigError:
+    if not origin:
+        return err
+    return ConfigError(f"{origin}: " + str(err).removeprefix(str(path)).lstrip(".: "))
+
+
+def validate(recipe: Recipe, sources: Sources) -> None:
     """Cross-field checks a type system cannot express."""
-    GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
-    if recipe.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: deepspeed.zero_stage must be 0..3")
+    GraftSpec.from_dict(recipe.graft, where=f"{sources.of('graft')}: graft")
     bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in ("mha", "mlp") or v not in
                   ("l1", "l2", "huber")}
     if bad_losses:
-        raise ConfigError(f"{where}: stage1.loss {bad_losses}: keys mha/mlp, values l1/l2/huber")
+        raise sources.error("stage1.loss", f"{bad_losses}: keys mha/mlp, values l1/l2/huber")
     for stage in ("stage1", "stage2"):
         if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
-            raise ConfigError(f"{where}: {stage}.shards or data.train (a shard pattern) is required for "
-                              "data.source=shards")
+            raise ConfigError(f"{sources.of('data.source')}: data.source is shards, so {stage}.shards or "
+                              "data.train (a shard pattern) is required")
     reader, defaults = recipe.data.reader, ReaderConfig()
     for name, source in RECIPE_READER_FIELDS.items():
         if getattr(reader, name) != getattr(defaults, name):
-            raise ConfigError(f"{where}: data.reader.{name} is set by the recipe, from {source}; remove it")
+            raise sources.error(f"data.reader.{name}", f"is set by the recipe, from {source}; remove it")
     if reader.kind not in ("auto", FAMILY_KIND[recipe.model.family]):
-        raise ConfigError(f"{where}: data.reader.kind {reader.kind!r} does not match a {recipe.model.family} "
-                          f"model (its data kind is {FAMILY_KIND[recipe.model.family]!r})")
+        raise sources.error("data.reader.kind", f"{reader.kind!r} does not match a {recipe.model.family} model "
+                            f"(its data kind is {FAMILY_KIND[recipe.model.family]!r})")
     if recipe.data.source == "synthetic" and reader.flip:
-        raise ConfigError(f"{where}: data.reader.flip needs shards with flipped latents; the synthetic stream has "
-                          "none")
+        raise sources.error("data.reader.flip", "needs shards with flipped latents; the synthetic stream has none")
     if recipe.data.caption_dropout > 0 and recipe.model.family == "pixart" and not recipe.data.null_caption:
-        raise ConfigError(f"{where}: data.caption_dropout needs data.null_caption (T5 features of the empty "
-                          "prompt; `python -m recipes.null_caption` writes them)")
+        raise sources.error("data.caption_dropout", "needs data.null_caption (T5 features of the empty prompt; "
+                            "`python -m recipes.null_caption` writes them)")
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -174,20 +209,21 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_bases(path: Path, seen: tuple[Path, ...], sources: Sources) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular base: chain {[str(p) for p in seen]}")
     if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"recipe not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
     if "graft" in data:  # operator config files are named relative to the recipe that names them
         data["graft"] = inline_config_files(data["graft"], path.parent, f"{path}: graft")
     base = data.pop("base", None)
-    if base is None:
-        return data
-    return deep_merge(_read_with_bases(path.parent / base, seen + (path.resolve(),)), data)
+    merged = data if base is None else deep_merge(
+        _read_with_bases(path.parent / str(base), seen + (path.resolve(),), sources), data)
+    sources.record(data, str(path))
+    return merged
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from models.weights import save_torch
+from models.weights import load_torch, save_torch
 from recipes.config import OptimSection, Recipe
 from recipes.distributed import deepspeed_config
 
@@ -57,11 +57,14 @@ def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, tot
     """`deepspeed.initialize` with the recipe-derived config; only parameters that require grad are trained."""
     import deepspeed
 
+    from recipes.deepspeed_loading import make_loads_safe
+
     config = deepspeed_config(recipe, optim, world_size)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=module, model_parameters=params, config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim, total_steps)))
+    make_loads_safe(engine)
     return engine
 
 
@@ -106,7 +109,7 @@ class LocalEngine:
                    self._file(save_dir, tag))
 
     def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> None:
-        state = torch.load(self._file(load_dir, tag), map_location="cpu", weights_only=True)
+        state = load_torch(self._file(load_dir, tag))
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

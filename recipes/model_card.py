@@ -295,7 +295,8 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
     ]
     lines += [f"Recipe `{recipe.name}` (`recipe.yaml` in this folder, as run). Teacher: {teacher}.", "",
               markdown_table(["", "stage 1: activation distillation", "stage 2: finetuning"], rows, "lll"), "",
-              f"- Batch {data.reader.batch_size} per GPU, gradient accumulation {recipe.deepspeed.gradient_accumulation}, "
+              f"- Batch {data.reader.batch_size} per GPU, gradient accumulation "
+              f"{recipe.deepspeed.gradient_accumulation}, "
               f"DeepSpeed ZeRO-{recipe.deepspeed.zero_stage}, precision {recipe.deepspeed.precision}, seed "
               f"{recipe.seed}."]
     if recipe.model.family == "pixart":

@@ -238,7 +238,7 @@ class Distiller:
         return {p: (sq_err[p] / sq_ref[p].clamp(min=1e-30)).sqrt().item() for p in self.paths}
 
 
-def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -> Path:
+def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None, run_id: str) -> Path:
     """Distil every targeted layer; returns the folder of the best student per layer (`<path>.safetensors`)."""
     out, cfg = recipe.out / "stage1", recipe.stage1
     distiller = Distiller(recipe, rank, world_size)
@@ -247,7 +247,7 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
                        total_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                        micro_step=distiller.micro_step, after_step=distiller.after_step,
                        state=distiller.best.state, load_state=distiller.best.load_state)
-    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank),
+    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank, run_id),
              runlog=runlog, seed=recipe.seed, accumulation=recipe.deepspeed.gradient_accumulation, rank=rank,
              resume=resume)
     runlog.close(f"{recipe.name}: stage 1")

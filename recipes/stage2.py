@@ -3,6 +3,7 @@ then export a folder the model loaders accept (graft.yaml, config.json, model.sa
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from recipes.engine import deepspeed_engine, full_state_dict
 from recipes.lora import attach_lora, merge_lora
 from recipes.model_card import write_model_card
 from recipes.reporting import RunLog
+from recipes.run_identity import RUN_FILE
 from recipes.stage1 import load_students
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,8 @@ class Finetuner:
             self.ema.load_state_dict(saved["ema"])
 
 
-def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, students_dir: Path | None) -> Path:
+def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, students_dir: Path | None,
+               run_id: str) -> Path:
     """Finetune and export; returns the export folder."""
     out, cfg = recipe.out / "stage2", recipe.stage2
     finetuner = Finetuner(recipe, rank, world_size, students_dir)
@@ -113,7 +116,7 @@ def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, s
                        micro_step=finetuner.micro_step, after_step=finetuner.after_step, state=finetuner.state,
                        load_state=finetuner.load_state)
     runlog = RunLog(out, enabled=rank == 0)
-    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank),
+    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank, run_id),
              runlog=runlog, seed=recipe.seed, accumulation=recipe.deepspeed.gradient_accumulation, rank=rank,
              resume=resume)
     runlog.close(f"{recipe.name}: stage 2")
@@ -133,6 +136,8 @@ def export(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int)
             merge_lora(model)
         model.save_pretrained(folder)
         save_text(dump_recipe(recipe), folder / "recipe.yaml")
+        if (recipe.out / RUN_FILE).is_file():  # what the run was started with, and every change allowed since
+            shutil.copyfile(recipe.out / RUN_FILE, folder / RUN_FILE)
         write_model_card(folder, new_weights=True)
         log.info("exported the grafted model to %s", folder)
     barrier()

@@ -24,6 +24,7 @@ import torch
 
 from common.files import check_or_record, file_sha256, save_json, save_text
 from common.hub import local_path
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from common.tables import markdown_table
 from eval.dit_args import add_dit_checkpoint_args, arch_overrides, dit_from_args
@@ -171,6 +172,7 @@ def metrics_row(metrics: dict[str, float], num_samples: int) -> tuple[list[str],
 
 
 def main(argv: list[str] | None = None) -> Path | None | dict:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     setup_logging(Rank.from_env().rank)
     return run_sample(args) if args.command == "sample" else run_score(args)

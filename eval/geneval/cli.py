@@ -23,6 +23,7 @@ import torch
 
 from common.files import file_sha256
 from common.hub import local_path
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from eval.geneval.colours import ClipColorClassifier
 from eval.geneval.detections import (
@@ -111,6 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     rank = Rank.from_env()
     setup_logging(rank.rank)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.files import download, file_sha256
 from data.prompts import read_jsonl
+from eval.geneval.rules import RELATIONS
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,47 @@ def select_prompts(prompts: Sequence[Prompt], tags: Sequence[str] | None = None,
         taken[tag] = taken.get(tag, 0) + 1
         chosen.append((index, record))
     return chosen
+
+
+class MetadataError(ValueError):
+    """A prompt record or detections file does not have GenEval's fields; the message names file, image, field."""
+
+
+def check_metadata(record: object, where: str) -> dict:
+    """A prompt record as GenEval's rules read it: a known `tag`, a `prompt`, and `include` / `exclude` lists of
+    {class, count ≥ 1, optional color, optional position [relation, earlier include]}. `where` names the file and
+    image in errors."""
+    def fail(field: str, problem: str) -> MetadataError:
+        return MetadataError(f"{where}: field {field}: {problem}")
+
+    if not isinstance(record, dict):
+        raise MetadataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if record.get("tag") not in TAGS:
+        raise fail("tag", f"{record.get('tag')!r} is not one of GenEval's tags {list(TAGS)}")
+    if not isinstance(record.get("prompt"), str):
+        raise fail("prompt", f"expected a string, got {record.get('prompt')!r}")
+    for part in ("include", "exclude"):
+        items = record.get(part, [])
+        if not isinstance(items, list):
+            raise fail(part, f"expected a list, got {items!r}")
+        for i, req in enumerate(items):
+            name = f"{part}[{i}]"
+            if not isinstance(req, dict):
+                raise fail(name, f"expected an object, got {req!r}")
+            if not isinstance(req.get("class"), str):
+                raise fail(f"{name}.class", f"expected a class name, got {req.get('class')!r}")
+            count = req.get("count")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise fail(f"{name}.count", f"expected an integer ≥ 1, got {count!r}")
+            if "color" in req and not isinstance(req["color"], str):
+                raise fail(f"{name}.color", f"expected a colour name, got {req['color']!r}")
+            position = req.get("position")
+            if position is not None and not (
+                    part == "include" and isinstance(position, list) and len(position) == 2
+                    and position[0] in RELATIONS and isinstance(position[1], int) and 0 <= position[1] < i):
+                raise fail(f"{name}.position", f"expected [one of {list(RELATIONS)}, the index of an earlier "
+                                               f"include], got {position!r}")
+    return record
 
 
 def tag_order(tags: Sequence[str]) -> list[str]:

@@ -120,15 +120,15 @@ def test_deepspeed_overrides_merge_into_the_derived_config(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     ("stage2: {optimm: {}}\n", r"\.stage2: unknown key\(s\) \['optimm'\]"),
-    ("deepspeed: {zero_stage: 5}\n", "zero_stage must be 0..3"),
+    ("deepspeed: {zero_stage: 5}\n", "deepspeed.zero_stage: must be one of 0, 1, 2, 3, got 5"),
     ("stage1: {loss: {mha: l3}}\n", "stage1.loss"),
     ("data: {source: shards}\n", "data.train"),
     ("data: {source: synthetic, reader: {batch_sise: 2}}\n", r"\.data\.reader: unknown key\(s\) \['batch_sise'\]"),
-    ("data: {source: synthetic, reader: {seed: 3}}\n", "data.reader.seed is set by the recipe"),
-    ("data: {source: shards, train: a.tar, reader: {shards: [b.tar]}}\n", "data.reader.shards is set by the recipe"),
-    ("data: {source: synthetic, reader: {epochs: 1}}\n", "data.reader.epochs is set by the recipe"),
-    ("data: {source: synthetic, reader: {kind: text}}\n", "data.reader.kind 'text' does not match a dit model"),
-    ("data: {source: synthetic, reader: {flip: true}}\n", "data.reader.flip needs shards"),
+    ("data: {source: synthetic, reader: {seed: 3}}\n", "data.reader.seed: is set by the recipe"),
+    ("data: {source: shards, train: a.tar, reader: {shards: [b.tar]}}\n", "data.reader.shards: is set by the recipe"),
+    ("data: {source: synthetic, reader: {epochs: 1}}\n", "data.reader.epochs: is set by the recipe"),
+    ("data: {source: synthetic, reader: {kind: text}}\n", "data.reader.kind: 'text' does not match a dit model"),
+    ("data: {source: synthetic, reader: {flip: true}}\n", "data.reader.flip: needs shards"),
 ])
 def test_bad_recipes_name_the_key_and_file(tmp_path, extra, message):
     path = write(tmp_path, "bad.yaml", BASE + extra)

@@ -2,22 +2,29 @@
 non-finite losses. Each test launches `torchrun -m recipes.train` as a user would."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
+import re
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from models.operators.hyena import HyenaX
 from models.pixart import PixArtSigma
+from models.weights import load_torch
 from recipes.distributed import free_port
 from recipes.reporting import read_metrics
+from recipes.run_lock import LOCK_FILE, Holder
 from tests.conftest import REPO
+from tests.recipes.test_checkpoints import craft
 
 TINY = REPO / "recipes" / "tiny_pixart_hyena_x.yaml"
 SELF_GRAFT = "graft.grafts=[{type: mha, name: mha, config: {num_heads: 4, qkv_bias: true}, layers: {ratio: 0.5}}]"
@@ -103,40 +110,56 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     assert stage2[-1] < stage2[0]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`: torchrun starts its workers in sessions of their own, out of its group's reach."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
+def kill_all(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """SIGKILL every process of a tree (torchrun starts each worker in a session of its own, so killing a process
+    group is not enough); returns the processes still running 10 s later."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return still_running(processes, 10)
 
 
-def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
-    """Start training and kill -9 the whole job (launcher and workers) once `checkpoint` is complete."""
+def still_running(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """The processes not gone (ended or a zombie) after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def run_until(out: Path, sets: list[str], checkpoint: Path, launcher_only: bool = False) -> None:
+    """Start training and kill -9 it once `checkpoint` is complete: its whole process tree, or only the launcher
+    (torchrun), whose workers must then end by themselves within seconds. Nothing may be left running."""
     process = subprocess.Popen(command(out, sets), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (checkpoint / "COMPLETE").is_file():
-        if process.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"run ended or timed out before {checkpoint} was written")
-        time.sleep(0.02)
-    workers = descendants(process.pid)
-    os.killpg(process.pid, signal.SIGKILL)
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
+                               stderr=subprocess.DEVNULL)
+    launcher = psutil.Process(process.pid)
+    tree = [launcher]
+    try:
+        deadline = time.time() + 600
+        while not (checkpoint / "COMPLETE").is_file():
+            if process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"run ended or timed out before {checkpoint} was written")
+            time.sleep(0.02)
+        workers = launcher.children(recursive=True)
+        tree += workers
+        assert len(workers) >= 2, workers
+        if launcher_only:
+            launcher.kill()
+            process.wait()
+            left = still_running(workers, 5)
+            assert not left, f"workers outlived their killed launcher: {left}"
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree += [p for p in launcher.children(recursive=True) if p not in tree]
+        left = kill_all(tree)
+        process.wait()
+    assert not left, f"still running after kill -9 of the whole tree: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +176,14 @@ def teacher_shards(tmp_path_factory) -> Path:
 
 
 def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_shards):
-    """On teacher-generated shards: kill -9 in stage 1, resume, kill -9 in stage 2, resume. The exported weights
-    are byte-equal to a run that was never interrupted (CPU, fp32, same world size)."""
+    """On teacher-generated shards: kill -9 of the launcher in stage 1 (its workers, and their reader workers,
+    end with it), resume, kill -9 of everything in stage 2, resume. The exported weights are byte-equal to a run
+    that was never interrupted (CPU, fp32, same world size)."""
     sets = ["data.source=shards", f"data.train={teacher_shards}", "stage1.steps=100", "stage1.checkpoint_every=20",
             "stage1.eval_every=20", "stage2.steps=60", "stage2.checkpoint_every=10"]
     train(tmp_path / "straight", sets)
     killed = tmp_path / "killed"
-    run_until(killed, sets, killed / "stage1" / "checkpoints" / "step00000020")
+    run_until(killed, sets, killed / "stage1" / "checkpoints" / "step00000020", launcher_only=True)
     assert not (killed / "stage1" / "DONE").exists()
     run_until(killed, sets, killed / "stage2" / "checkpoints" / "step00000010")
     assert (killed / "stage1" / "DONE").exists() and not (killed / "export").exists()
@@ -172,14 +196,66 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_shard
     assert (killed / "stage2" / "checkpoints" / "step00000060" / "zero_to_fp32.py").is_file()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_training_stops_and_keeps_only_good_checkpoints(tmp_path):
+    """lr 1e12: the weights blow up. The run stops (at a NaN loss, or at a checkpoint whose weights are not
+    finite or give a non-finite loss), names the last good checkpoint, and every checkpoint left is finite."""
     result = train(tmp_path, ["stage1.steps=20", "stage2.optim.lr=1e12", "stage2.steps=50",
                               "stage2.checkpoint_every=1"], check=False)
     assert result.returncode != 0
-    assert "NonFiniteLossError" in result.stderr and "non-finite loss at step" in result.stderr
+    assert re.search(r"NonFinite(Loss|Weights)Error: stage2: (non-finite loss at step|after step) \d+",
+                     result.stderr), result.stderr[-3000:]
     assert "synthetic-" in result.stderr  # the offending samples are named
     checkpoints = sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))
-    assert checkpoints and all((c / "COMPLETE").is_file() for c in checkpoints)
+    named = re.search(r"last good checkpoint: (\S+)", result.stderr, re.IGNORECASE)[1]
+    assert named == (str(checkpoints[-1]) if checkpoints else "None")
+    for checkpoint in checkpoints:
+        assert (checkpoint / "COMPLETE").is_file()
+        states = load_torch(checkpoint / "mp_rank_00_model_states.pt")["module"]
+        assert all(torch.isfinite(t).all() for t in states.values() if t.is_floating_point()), checkpoint
     staging = tmp_path / "stage2" / "checkpoints" / ".staging"
     assert not staging.exists() or not list(staging.iterdir())
     assert not (tmp_path / "export").exists()
+
+
+def test_a_run_folder_keeps_its_settings_and_its_lock_and_refuses_crafted_checkpoints(tmp_path):
+    """Killed in stage 1 at step 10. Then: a live job's lock refuses a second job; another lr is refused with a
+    diff; a crafted DeepSpeed file in the checkpoint is refused unread; and with a torn metrics line and the lr
+    change allowed, stage 1 finishes with the new lr from step 11 on, the change recorded."""
+    sets = ["stage1.steps=20", "stage1.checkpoint_every=10", "stage1.eval_every=10", "stage1.log_every=1",
+            "stage1.optim.warmup_steps=0"]
+    checkpoint = tmp_path / "stage1" / "checkpoints" / "step00000010"
+    run_until(tmp_path, sets, checkpoint)
+    only_stage1 = ["--stage", "1"]
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps(asdict(Holder.me())))  # this test's process: a live job
+    held = train(tmp_path, sets, only_stage1, check=False)
+    assert held.returncode != 0 and f"is in use by {socket.gethostname()} pid {os.getpid()}" in held.stderr, \
+        held.stderr[-2000:]
+    (tmp_path / LOCK_FILE).unlink()
+
+    changed = [*sets, "stage1.optim.lr=1e-3"]
+    refused = train(tmp_path, changed, only_stage1, check=False)
+    assert refused.returncode != 0, refused.stderr[-2000:]
+    assert "Changed: stage1.optim.lr: 0.002 → 0.001" in refused.stderr and "--allow-change stage1.optim.lr" in \
+        refused.stderr
+
+    model_states = checkpoint / "mp_rank_00_model_states.pt"
+    original = model_states.read_bytes()
+    craft(model_states, tmp_path / "MARKER")
+    crafted = train(tmp_path, sets, only_stage1, check=False)
+    assert crafted.returncode != 0 and f"{model_states}: refused: it holds Python objects" in crafted.stderr
+    assert not (tmp_path / "MARKER").exists()
+    model_states.write_bytes(original)
+
+    with open(tmp_path / "stage1" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "train/lo')  # what a full disk leaves
+    train(tmp_path, changed, [*only_stage1, "--allow-change", "stage1.optim.lr"])
+    lr = {row["step"]: row["lr"] for row in read_metrics(tmp_path / "stage1" / "metrics.jsonl")}
+    assert sorted(lr) == list(range(1, 21))
+    assert [lr[s] for s in range(1, 21)] == pytest.approx([2e-3] * 10 + [1e-3] * 10)
+    assert all(json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines())
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["changes"][0]["changed"] == {"stage1.optim.lr": {"from": 2e-3, "to": 1e-3}}
+    assert record["recipe"]["stage1"]["optim"]["lr"] == 1e-3
+    assert json.loads((tmp_path / "stage1" / "DONE").read_text())["run_id"] == record["run_id"]
+    assert not (tmp_path / LOCK_FILE).exists()
