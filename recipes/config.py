@@ -10,7 +10,7 @@ import yaml
 
 from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
 from data.reader import ReaderConfig
-from models.graft import GraftSpec, inline_config_files
+from models.graft import GRAFT_TYPES, GraftSpec, inline_config_files
 
 
 @dataclass
@@ -66,7 +66,8 @@ class Stage1Section:
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
-    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2"})  # l1 / l2 / huber
+    # l1 / l2 / huber per graft type; `blocks` (a parallel pair's update carries its attention's outliers): ours
+    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2", "blocks": "l1"})
     huber_delta: float = 1.0
     mode: Literal["data_parallel", "split"] = "data_parallel"  # split: students divided across ranks
     eval_every: int = 100
@@ -143,13 +144,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def validate(recipe: Recipe, where: str) -> None:
     """Cross-field checks a type system cannot express."""
-    GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
+    spec = GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
     if recipe.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: deepspeed.zero_stage must be 0..3")
-    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in ("mha", "mlp") or v not in
+    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in GRAFT_TYPES or v not in
                   ("l1", "l2", "huber")}
     if bad_losses:
-        raise ConfigError(f"{where}: stage1.loss {bad_losses}: keys mha/mlp, values l1/l2/huber")
+        raise ConfigError(f"{where}: stage1.loss {bad_losses}: keys {'/'.join(GRAFT_TYPES)}, values l1/l2/huber")
+    unset = sorted({g.type for g in spec.grafts} - set(recipe.stage1.loss))
+    if unset:
+        raise ConfigError(f"{where}: stage1.loss has no loss for the graft's {unset} students")
     for stage in ("stage1", "stage2"):
         if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
             raise ConfigError(f"{where}: {stage}.shards or data.train (a shard pattern) is required for "

@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set stage2.optim.lr=5e-5 (repeatable)")
-    parser.add_argument("--students", type=Path, help="stage-1 students folder for --stage 2 "
-                        "(default: the recipe's own stage-1 output)")
+    parser.add_argument("--students", help="stage-1 students folder for --stage 2 (default: the recipe's own stage-1 "
+                        "output); `fresh`: no distillation, stage 2 starts from fresh operators (random) or parallel "
+                        "pairs (the teacher's two blocks, merged as their sum): an ablation")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     from recipes.stage1 import best_dir, run_stage1  # imported after the process group: DeepSpeed set-up
     from recipes.stage2 import run_stage2
 
-    if args.stage in ("1", "all"):
+    if args.stage == "all" and args.students == "fresh":
+        log.info("--students fresh: stage 1 is skipped (fresh operators, no distillation)")
+    elif args.stage in ("1", "all"):
         marker = out / "stage1" / DONE
         if args.resume == "auto" and marker.is_file():
             log.info("stage 1 already finished (%s); skipping it", marker)
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                 marker.write_text("done\n")
             barrier()
     if args.stage in ("2", "all"):
-        return run_stage2(recipe, rank, world_size, args.resume, args.students or best_dir(recipe))
+        students = None if args.students == "fresh" else Path(args.students or best_dir(recipe))
+        return run_stage2(recipe, rank, world_size, args.resume, students)
     return None
 
 
