@@ -31,6 +31,7 @@ stacking their tensors (`pair_from_blocks`).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -289,6 +290,19 @@ class BlockStack(nn.ModuleDict):
         self._modules[keys[0]] = pair
         del self._modules[keys[1]]
         return replaced
+
+
+def unfused_pairs(model: nn.Module, restructured: nn.Module) -> nn.Module:
+    """A copy of `model` (unrestructured) whose blocks are paired as in `restructured`, each pair computed by
+    `UnfusedPair` from `model`'s own two blocks and a copy of the restructured pair's merge: the function of
+    `restructured` when its pairs hold `model`'s blocks, evaluated branch by branch."""
+    reference = copy.deepcopy(model)
+    blocks = BlockStack.from_blocks(reference.blocks)
+    for first, block in zip(restructured.blocks.indexes(), restructured.blocks):
+        if isinstance(block, ParallelPair):
+            blocks.merge_pair(first, UnfusedPair((blocks[first], blocks[first + 1]), copy.deepcopy(block.merge)))
+    reference.blocks = blocks
+    return reference
 
 
 def pair_paths(path: str) -> tuple[str, str] | None:

@@ -300,13 +300,13 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
     ]
     lines += [f"Recipe `{recipe.name}` (`recipe.yaml` in this folder, as run). Teacher: {teacher}.", "",
               markdown_table(["", "stage 1: activation distillation", "stage 2: finetuning"], rows, "lll"), "",
-              f"- Batch {data.batch_size} per GPU, gradient accumulation {recipe.deepspeed.gradient_accumulation}, "
-              f"DeepSpeed ZeRO-{recipe.deepspeed.zero_stage}, precision {recipe.deepspeed.precision}, seed "
-              f"{recipe.seed}."]
+              f"- Batch {data.reader.batch_size} per GPU, gradient accumulation "
+              f"{recipe.deepspeed.gradient_accumulation}, DeepSpeed ZeRO-{recipe.deepspeed.zero_stage}, precision "
+              f"{recipe.deepspeed.precision}, seed {recipe.seed}."]
     if recipe.model.family == "pixart":
         dropout = (f"dropped with probability {data.caption_dropout:g} in stage 2 (keeps the unconditional branch "
                    "for CFG)" if data.caption_dropout else "never dropped")
-        lines.append(f"- Captions: {data.caption_tokens} T5 tokens, {dropout}.")
+        lines.append(f"- Captions: {data.reader.caption_tokens} T5 tokens, {dropout}.")
     if data.val and not synthetic:
         lines.append(f"- Held-out shards for stage-1 layer selection: {_data(data.val)}.")
     return lines + [""]

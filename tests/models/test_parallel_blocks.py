@@ -12,7 +12,7 @@ from eval.flops import meta_forward_flops, meta_model, pixart_forward_flops
 from models.dit import DiT
 from models.graft import GraftSpec
 from models.operators.hyena import HyenaX
-from models.parallel_blocks import BlockStack, ParallelDiTPair, ParallelPixArtPair, UnfusedPair, pair_from_blocks
+from models.parallel_blocks import ParallelDiTPair, ParallelPixArtPair, pair_from_blocks, unfused_pairs
 from models.pixart import PixArtSigma
 from tests.conftest import max_rel_err
 
@@ -40,16 +40,6 @@ def randomize_merges(model) -> None:
             block.merge.bias.normal_()
 
 
-def unfused_reference(teacher, fused) -> torch.nn.Module:
-    """The teacher with each pair as `UnfusedPair`: its two original blocks on x, merged by the fused pair's merge."""
-    reference = copy.deepcopy(teacher)
-    blocks = BlockStack.from_blocks(reference.blocks)
-    for first, pair in zip(fused.blocks.indexes(), fused.blocks):
-        blocks.merge_pair(first, UnfusedPair((blocks[first], blocks[first + 1]), copy.deepcopy(pair.merge)))
-    reference.blocks = blocks
-    return reference
-
-
 @pytest.mark.parametrize("family", ["pixart", "dit"])
 def test_fused_pairs_equal_the_two_branch_computation_forward_and_backward(family):
     """One fused block per pair computes x + merge(concat(a(x) − x, b(x) − x)) of the teacher's own blocks, and its
@@ -64,7 +54,7 @@ def test_fused_pairs_equal_the_two_branch_computation_forward_and_backward(famil
     assert len(fused.blocks) == 2 and fused.blocks.indexes() == [0, 2]
     assert isinstance(fused.blocks[0], ParallelPixArtPair if family == "pixart" else ParallelDiTPair)
     randomize_merges(fused)
-    reference = unfused_reference(teacher, fused)
+    reference = unfused_pairs(teacher, fused)  # UnfusedPair: the teacher's two blocks on x, then the same merge
     out, ref = fused(*inputs), reference(*inputs)
     assert max_rel_err(out, ref) <= 1e-5
     (out.square().mean()).backward()
