@@ -24,7 +24,7 @@ GENEVAL_FILES = SHARED / "geneval"
 TINY_RECIPE = REPO / "recipes" / "tiny_pixart_hyena_x.yaml"
 PROMPTS = (8, 8, 4)  # stage 1, stage 2, validation
 # Tiny recipe overrides for both launchers. Stage 2 is long enough (≈10 s) to be requeued half way.
-SETS = ["data.source=shards", "data.num_workers=1", "data.caption_dropout=0.2", "stage1.steps=20",
+SETS = ["data.source=shards", "data.reader.num_workers=1", "data.caption_dropout=0.2", "stage1.steps=20",
         "stage1.eval_every=10", "stage1.checkpoint_every=10", "stage2.steps=150", "stage2.checkpoint_every=25",
         "stage2.log_every=25"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

@@ -17,7 +17,7 @@ from tests.slurm.conftest import TWO_RANKS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SCRIPT = REPO / "slurm" / "dit_xl2.sh"
-SETS = ["data.num_workers=1", "stage1.steps=10", "stage1.eval_every=10", "stage1.checkpoint_every=10",
+SETS = ["data.reader.num_workers=1", "stage1.steps=10", "stage1.eval_every=10", "stage1.checkpoint_every=10",
         "stage2.steps=10", "stage2.checkpoint_every=10"]
 
 

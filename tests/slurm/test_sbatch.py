@@ -40,7 +40,7 @@ def test_teacher_shards_cover_each_split_once_with_seeds_by_prompt_line(sbatch_r
     for split, count in zip(("stage1", "stage2", "val"), PROMPTS):
         shards = finished_shards(data / split)
         assert {p.name[:10] for p in shards.values()} == {"shard-r000", "shard-r001"}  # rank-split under srun
-        loader = ShardLoader(ReaderConfig(shards=[str(data / split)], batch_size=1, epochs=1), num_workers=0)
+        loader = ShardLoader(ReaderConfig(shards=[str(data / split)], batch_size=1, epochs=1, num_workers=0))
         assert sorted(k for batch in loader for k in batch["keys"]) == [f"{i:09d}" for i in range(count)]
         captions = (data / f"prompts_{split}.txt").read_text().splitlines()
         assert captions == prompts[first:first + count]
