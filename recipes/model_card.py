@@ -249,8 +249,10 @@ def graft_section(config: Any, graft: GraftSpec | None, counts: tuple[int, int])
         lines.append(f"- Depth: {config.depth} → {config.depth - pairs} sequential blocks ({pairs} parallel pairs: "
                      "both blocks of a pair read the same input, their residual updates merged by a learned "
                      "linear projection).")
+    origin = ("each pair's branches started as the base model's two blocks (merged as their sum), the other blocks "
+              "are the base model's; all finetuned" if pairs else "the other blocks are the base model's, finetuned")
     lines += [f"- Parameters: {total:,} ({grafted:,} in the grafted operators), counted in `{NATIVE_WEIGHTS}`.",
-              f"- `{GRAFT_FILE}` is the full spec; the other blocks are the base model's, finetuned.", ""]
+              f"- `{GRAFT_FILE}` is the full spec; {origin}.", ""]
     return lines
 
 
@@ -282,6 +284,8 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         return lines + ["No recipe.yaml in this folder: the training is not recorded.", ""]
     s1, s2, data = recipe.stage1, recipe.stage2, recipe.data
     grafted = {g.type for g in graft.grafts} if graft else set()
+    kinds = (("replaced operator", grafted - {BLOCKS}), ("parallel pair", BLOCKS in grafted))
+    students = " and each ".join(kind for kind, present in kinds if present) or "replaced operator"
     teacher = f"`{recipe.model.pretrained}`" if recipe.model.pretrained else \
         f"a random `{recipe.model.preset}` model (a test recipe)"
     synthetic = data.source == "synthetic"
@@ -291,7 +295,7 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         ["steps", s1.steps, s2.steps],
         ["data", "synthetic stream (no real data)" if synthetic else _data(s1.shards or data.train),
          "synthetic stream (no real data)" if synthetic else _data(s2.shards or data.train)],
-        ["objective", "regress each replaced operator's output from the teacher's input ("
+        ["objective", f"regress each {students}'s output from the teacher's input ("
          + ", ".join(f"{OPERATED[k]}: {v.upper()}" for k, v in s1.loss.items() if k in grafted) + ")",
          "ε MSE + VLB (learned σ)"],
         ["optimizer", _optim(s1.optim), _optim(s2.optim)],
@@ -420,8 +424,10 @@ def render_card(folder: Path, options: CardOptions) -> str:
     replaced = " and ".join(_change_words(g, config.depth) for g in graft.grafts) if graft else "no operator replaced"
     intro = [f"# {title}", "",
              f"{family.title} ({f'`{base}`' if base else 'base model not recorded'}) with {replaced}, made by "
-             f"grafting: {PAPER}. Stage 1 distils each new operator from the layer it replaces; stage 2 finetunes "
-             "the whole model.", "",
+             f"grafting: {PAPER}. Stage 1 distils each new operator from the layer it replaces"
+             + ("" if graft is None or all(g.type != BLOCKS for g in graft.grafts) else
+                " and each parallel pair from the residual update of the two blocks it replaces")
+             + "; stage 2 finetunes the whole model.", "",
              f"- Base model: {f'`{base}`' if base else 'not recorded'} ({base_source}).",
              f"- License: {card.license or 'not set (--license)'}"
              + (" (the base model's)" if card.license and not options.license else "") + ".", ""]
