@@ -15,6 +15,13 @@ device.
 Without CUDA it runs a "2K-shaped" CPU proxy (width 288, 4 heads of 72, depth 4, 4,096 tokens, fp32): the same
 tokens-to-width ratio as XL/2 at 2048² (16,384 / 1,152 ≈ 14.2), hence a similar attention share of the FLOPs.
 It says so in its output; its numbers are not the paper's 1.43×.
+
+Depth to width (`--parallel-pairs`, eval/speed_pairs.py): a model's sequential blocks against the same blocks
+restructured into parallel pairs, forward passes at several batch sizes; DiT-XL/2 (28 → 14 blocks) by default, or
+`--family pixart`. Without CUDA, a CPU proxy with the full depth and tokens at width 384.
+
+    python eval/speed.py --parallel-pairs                 # CUDA: DiT-XL/2 at 256², bf16, batches 1, 8, 64
+    python eval/speed.py --parallel-pairs --family pixart --preset PixArt-Sigma-XL-2-1024-MS --batch 1 4
 """
 from __future__ import annotations
 
@@ -23,17 +30,17 @@ import copy
 import logging
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from common.files import save_json, save_text
 from common.runtime import parse_dtype, pick_device, setup_logging
 from common.tables import markdown_table
+from eval import speed_pairs
+from eval.benchmark import CAPTION_TOKENS, paired_speedup, random_inputs, time_alternating
 from eval.flops import meta_forward_flops, pixart_forward_flops
 from models.graft import GraftSpec
 from models.operators.kernels import backend_summary, backends
@@ -45,8 +52,6 @@ log = logging.getLogger("speed")
 FULL_PRESET = "PixArt-Sigma-XL-2-2K-MS"  # runs at its trained 256² latent = 2048² pixels, 16,384 tokens
 PROXY_OVERRIDES = dict(hidden_size=288, num_heads=4, depth=4, sample_size=128)  # 4,096 tokens: 4096 / 288 ≈ 14.2
 DEFAULT_GRAFT = ("hyena_x", {"ratio": 0.5, "pattern": "interleaved"})  # operator settings, blocks
-CAPTION_TOKENS = 300
-TIMESTEP = 500  # any timestep costs the same
 NOT_COMPARED = {"model_max_length"}  # T5's prompt length, not the transformer's; diffusers folders do not store it
 
 
@@ -58,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grafted-ckpt", type=Path, help="grafted export folder (its graft.yaml is the graft)")
     parser.add_argument("--model", choices=["auto", "full", "proxy"], default="auto",
                         help="full = XL/2 2K at 2048²; proxy = the 2K-shaped CPU stand-in; auto = full on CUDA")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+",
+                        help="batch size (default 2); with --parallel-pairs one or more (default: 1 8 64 on CUDA, "
+                        "1 4 on CPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=4.5)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
@@ -66,8 +73,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forward passes per model")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per model")
     parser.add_argument("--sampling-repeats", type=int, default=3, help="timed sampling runs per model (0: skip)")
-    parser.add_argument("--out", type=Path, default=Path("runs/speed"), help="folder for speed.json and speed.md")
-    return parser.parse_args(argv)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--out", type=Path, default=Path("runs/speed"),
+                        help="folder for speed.json and speed.md (--parallel-pairs: parallel_pairs.json / .md)")
+    pairs = parser.add_argument_group("depth to width: sequential blocks vs parallel pairs")
+    pairs.add_argument("--parallel-pairs", action="store_true",
+                       help="time the model's sequential blocks against the same blocks restructured into parallel "
+                       "pairs (DiT-XL/2: 28 → 14) instead of a baseline against a graft")
+    pairs.add_argument("--family", choices=sorted(speed_pairs.FAMILIES), help="default dit")
+    pairs.add_argument("--preset", help="architecture preset (default: DiT-XL/2 256², PixArt-Sigma XL/2 256²)")
+    pairs.add_argument("--arch", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="architecture overrides, e.g. depth=12 (on the CPU proxy they apply over its width)")
+    args = parser.parse_args(argv)
+    mode_check(parser, args)
+    return args
+
+
+def mode_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse options of the other comparison (they would be silently ignored); fill per-mode defaults."""
+    if args.parallel_pairs:
+        other = [f for f, v in (("--graft", args.graft), ("--ckpt", args.ckpt), ("--grafted-ckpt", args.grafted_ckpt))
+                 if v]
+        if other:
+            parser.error(f"{', '.join(other)}: not with --parallel-pairs, which restructures a randomly initialised "
+                         "model itself (latency does not depend on the weights)")
+        args.family = args.family or "dit"
+        return
+    pair_only = [f for f, v in (("--family", args.family), ("--preset", args.preset), ("--arch", args.arch)) if v]
+    if pair_only:
+        parser.error(f"{', '.join(pair_only)}: only with --parallel-pairs (the graft comparison runs "
+                     f"{FULL_PRESET} or its CPU proxy)")
+    if args.batch and len(args.batch) > 1:
+        parser.error("--batch takes one size here (several only with --parallel-pairs)")
+    args.batch = args.batch[0] if args.batch else 2
 
 
 @dataclass
@@ -90,11 +128,6 @@ class Measurement:
     @property
     def sampling_median(self) -> float | None:
         return statistics.median(self.sampling_s) if self.sampling_s else None
-
-
-def paired_speedup(baseline_s: list[float], other_s: list[float]) -> float | None:
-    """Median over rounds of baseline time / other time (both timed in the same round)."""
-    return statistics.median(b / o for b, o in zip(baseline_s, other_s)) if other_s else None
 
 
 def model_config(kind: str) -> PixArtConfig:
@@ -138,52 +171,6 @@ def check_same_config(baseline: PixArtConfig, grafted: PixArtConfig, where: Path
         raise SystemExit(f"{where} has another config than the baseline (baseline vs grafted: {'; '.join(differ)}); "
                          f"pass the baseline it was grafted from as --ckpt (or none, for {FULL_PRESET} with random "
                          "weights)")
-
-
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call takes: CUDA events around it on a GPU, the wall clock on the CPU."""
-
-    def cuda(fn: Callable[[], object]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    def wall(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    return cuda if device.type == "cuda" else wall
-
-
-def time_alternating(calls: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                     desc: str) -> dict[str, list[float]]:
-    """Warm every call up, then time the calls in turn (A B A B …) so slow drift affects all of them alike."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    measure = timer(device)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in tqdm(range(repeats), desc=desc, unit="round", disable=repeats == 0):
-        for name, fn in calls.items():
-            times[name].append(measure(fn))
-    return times
-
-
-def random_inputs(config: PixArtConfig, batch: int, device: torch.device, dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latents at the config's trained size, a timestep, random caption features and an all-ones mask."""
-    g = torch.Generator().manual_seed(0)
-    side = config.sample_size
-    latents = torch.randn(batch, config.in_channels, side, side, generator=g).to(device, dtype)
-    captions = torch.randn(batch, CAPTION_TOKENS, config.caption_channels, generator=g).to(device, dtype)
-    mask = torch.ones(batch, CAPTION_TOKENS, dtype=torch.long, device=device)
-    return latents, torch.full((batch,), float(TIMESTEP), device=device), captions, mask
 
 
 def check_flops(config: PixArtConfig, batch: int, hw: tuple[int, int], graft: GraftSpec | None, analytic: int
@@ -283,15 +270,23 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     kind = args.model if args.model != "auto" else ("full" if device.type == "cuda" else "proxy")
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    what = ("the full depth and tokens at width 384, not the real model" if args.parallel_pairs else
+            "this is not PixArt-Sigma XL/2 at 2048²")
     if kind == "proxy":
-        log.warning("CPU PROXY: %s. This is not PixArt-Sigma XL/2 at 2048²; run on a CUDA machine for real "
-                    "numbers.", "no CUDA device" if device.type != "cuda" else "--model proxy")
-    report = measure(args, kind, device, dtype)
-    table = markdown_report(report)
-    save_json(report, args.out / "speed.json")
-    save_text(table + "\n", args.out / "speed.md")
+        log.warning("CPU PROXY: %s (%s); run on a CUDA machine for real numbers.",
+                    "no CUDA device" if device.type != "cuda" else "--model proxy", what)
+    if args.parallel_pairs:
+        report, stem = speed_pairs.measure(args, kind, device, dtype), speed_pairs.REPORT
+        table = speed_pairs.markdown_report(report)
+    else:
+        report, stem = measure(args, kind, device, dtype), "speed"
+        table = markdown_report(report)
+    save_json(report, args.out / f"{stem}.json")
+    save_text(table + "\n", args.out / f"{stem}.md")
     print(table)
-    log.info("wrote %s and %s", args.out / "speed.json", args.out / "speed.md")
+    log.info("wrote %s and %s", args.out / f"{stem}.json", args.out / f"{stem}.md")
     return report
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from common.config import ConfigError, deep_merge, from_dict, parse_assignments, read_yaml, to_dict
 from data.reader import ReaderConfig
-from models.graft import GraftSpec, inline_config_files
+from models.graft import GRAFT_TYPES, GraftSpec, inline_config_files
 from recipes.validation import Sources, check_values
 
 
@@ -68,7 +68,8 @@ class Stage1Section:
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
-    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2"})  # l1 / l2 / huber
+    # l1 / l2 / huber per graft type; `blocks` (a parallel pair's update carries its attention's outliers): ours
+    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2", "blocks": "l1"})
     huber_delta: float = 1.0
     mode: Literal["data_parallel", "split"] = "data_parallel"  # split: students divided across ranks
     eval_every: int = 100
@@ -181,11 +182,14 @@ def _blame(err: ConfigError, origin: str, path: Path) -> ConfigError:
 
 def validate(recipe: Recipe, sources: Sources) -> None:
     """Cross-field checks a type system cannot express."""
-    GraftSpec.from_dict(recipe.graft, where=f"{sources.of('graft')}: graft")
-    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in ("mha", "mlp") or v not in
+    spec = GraftSpec.from_dict(recipe.graft, where=f"{sources.of('graft')}: graft")
+    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in GRAFT_TYPES or v not in
                   ("l1", "l2", "huber")}
     if bad_losses:
-        raise sources.error("stage1.loss", f"{bad_losses}: keys mha/mlp, values l1/l2/huber")
+        raise sources.error("stage1.loss", f"{bad_losses}: keys {'/'.join(GRAFT_TYPES)}, values l1/l2/huber")
+    unset = sorted({g.type for g in spec.grafts} - set(recipe.stage1.loss))
+    if unset:
+        raise sources.error("stage1.loss", f"no loss for the graft's {unset} students")
     for stage in ("stage1", "stage2"):
         if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
             raise ConfigError(f"{sources.of('data.source')}: data.source is shards, so {stage}.shards or "

@@ -33,7 +33,7 @@ from common.tables import markdown_table
 from data.shard_writer import DATASET_INFO
 from eval.fid.sampling import SETTINGS_FILE as FID_SETTINGS
 from models.dit import DiT
-from models.graft import TARGETS, GraftSpec
+from models.graft import BLOCKS, Graft, GraftSpec, target_paths
 from models.pixart import PixArtSigma
 from models.pretrained import GRAFT_FILE, NATIVE_WEIGHTS, PretrainedModel, model_sha256, read_config
 from recipes.config import Recipe
@@ -45,7 +45,7 @@ OPTIONS_FILE = "card.json"
 REPORTS = {"geneval": "geneval_scores.json", "fid": "fid_results.json", "fid_sampling": "fid_sampling.json",
            "speed": "speed.json"}
 PAPER = "Exploring Diffusion Transformer Designs via Grafting (Chandrasegaran, Poli et al., arXiv 2506.05340)"
-OPERATED = {"mha": "self-attention", "mlp": "MLP"}
+OPERATED = {"mha": "self-attention", "mlp": "MLP", BLOCKS: "blocks, as parallel pairs"}
 # numerics, text length and training-only settings: equal architectures may differ in them
 NON_ARCHITECTURE = {"model_max_length", "timestep_freq_shift", "mlp_norm_eps", "class_dropout_prob"}
 
@@ -192,7 +192,7 @@ def _recipe(folder: Path) -> Recipe | None:
 
 def parameter_counts(folder: Path, graft: GraftSpec | None) -> tuple[int, int]:
     """(all parameters, those of the grafted operators), from model.safetensors' header."""
-    replaced = {f"blocks.{i}.{TARGETS[g.type]}." for g in (graft.grafts if graft else ()) for i in g.layers.indexes}
+    replaced = {f"{path}." for path in target_paths(graft)} if graft else set()
     total = grafted = 0
     with safe_open(str(folder / NATIVE_WEIGHTS), framework="pt") as f:
         for key in f.keys():
@@ -244,8 +244,15 @@ def graft_section(config: Any, graft: GraftSpec | None, counts: tuple[int, int])
             for g in graft.grafts]
     lines += [markdown_table(["replaced", "operator", "blocks (0-based)", "fraction of blocks"], rows, "llll"), ""]
     lines += [f"- `{g.name}` settings: `{json.dumps(g.config, sort_keys=True)}`" for g in graft.grafts]
+    pairs = sum(len(g.layers.indexes) // 2 for g in graft.grafts if g.type == BLOCKS)
+    if pairs:
+        lines.append(f"- Depth: {config.depth} → {config.depth - pairs} sequential blocks ({pairs} parallel pairs: "
+                     "both blocks of a pair read the same input, their residual updates merged by a learned "
+                     "linear projection).")
+    origin = ("each pair's branches started as the base model's two blocks (merged as their sum), the other blocks "
+              "are the base model's; all finetuned" if pairs else "the other blocks are the base model's, finetuned")
     lines += [f"- Parameters: {total:,} ({grafted:,} in the grafted operators), counted in `{NATIVE_WEIGHTS}`.",
-              f"- `{GRAFT_FILE}` is the full spec; the other blocks are the base model's, finetuned.", ""]
+              f"- `{GRAFT_FILE}` is the full spec; {origin}.", ""]
     return lines
 
 
@@ -277,6 +284,8 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         return lines + ["No recipe.yaml in this folder: the training is not recorded.", ""]
     s1, s2, data = recipe.stage1, recipe.stage2, recipe.data
     grafted = {g.type for g in graft.grafts} if graft else set()
+    kinds = (("replaced operator", grafted - {BLOCKS}), ("parallel pair", BLOCKS in grafted))
+    students = " and each ".join(kind for kind, present in kinds if present) or "replaced operator"
     teacher = f"`{recipe.model.pretrained}`" if recipe.model.pretrained else \
         f"a random `{recipe.model.preset}` model (a test recipe)"
     synthetic = data.source == "synthetic"
@@ -286,7 +295,7 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         ["steps", s1.steps, s2.steps],
         ["data", "synthetic stream (no real data)" if synthetic else _data(s1.shards or data.train),
          "synthetic stream (no real data)" if synthetic else _data(s2.shards or data.train)],
-        ["objective", "regress each replaced operator's output from the teacher's input ("
+        ["objective", f"regress each {students}'s output from the teacher's input ("
          + ", ".join(f"{OPERATED[k]}: {v.upper()}" for k, v in s1.loss.items() if k in grafted) + ")",
          "ε MSE + VLB (learned σ)"],
         ["optimizer", _optim(s1.optim), _optim(s2.optim)],
@@ -390,6 +399,13 @@ def usage_section(family: Family, name: str, base: str | None, code_url: str | N
         "`models.diffusers_transformers` in its model_index.json for the same reason.", ""]
 
 
+def _change_words(g: Graft, depth: int) -> str:
+    n = len(g.layers.indexes)
+    if g.type == BLOCKS:
+        return f"{n} of its {depth} blocks run as {n // 2} parallel pairs (`{g.name}`)"
+    return f"{n} of its {depth} {OPERATED[g.type]} layers replaced by `{g.name}`"
+
+
 def render_card(folder: Path, options: CardOptions) -> str:
     """README.md for an export folder: front matter, graft, training, evaluation, usage."""
     family, config, graft = _model_files(folder)
@@ -406,12 +422,13 @@ def render_card(folder: Path, options: CardOptions) -> str:
         license=options.license or (family.license if base else None), library_name="diffusers",
         pipeline_tag=family.pipeline_tag, tags=["grafting", "diffusion-transformer", family.tag, *operators],
         model_name=name if results else None, eval_results=results or None)
-    replaced = " and ".join(f"{len(g.layers.indexes)} of its {config.depth} {OPERATED[g.type]} layers replaced by "
-                           f"`{g.name}`" for g in graft.grafts) if graft else "no operator replaced"
+    replaced = " and ".join(_change_words(g, config.depth) for g in graft.grafts) if graft else "no operator replaced"
     intro = [f"# {title}", "",
              f"{family.title} ({f'`{base}`' if base else 'base model not recorded'}) with {replaced}, made by "
-             f"grafting: {PAPER}. Stage 1 distils each new operator from the layer it replaces; stage 2 finetunes "
-             "the whole model.", "",
+             f"grafting: {PAPER}. Stage 1 distils each new operator from the layer it replaces"
+             + ("" if graft is None or all(g.type != BLOCKS for g in graft.grafts) else
+                " and each parallel pair from the residual update of the two blocks it replaces")
+             + "; stage 2 finetunes the whole model.", "",
              f"- Base model: {f'`{base}`' if base else 'not recorded'} ({base_source}).",
              f"- License: {card.license or 'not set (--license)'}"
              + (" (the base model's)" if card.license and not options.license else "") + ".", ""]

@@ -153,11 +153,13 @@ class RunRecord:
                                  "delete this folder's run and start afresh") from None
 
 
-def current_record(recipe: Recipe, world_size: int, students: Path | None, cache: Path) -> RunRecord:
-    """The record this job would write: the resolved recipe, the content hashes of its inputs, the world size."""
+def current_record(recipe: Recipe, world_size: int, students: Path | str | None, cache: Path) -> RunRecord:
+    """The record this job would write: the resolved recipe, the content hashes of its inputs, the world size.
+    `students`: the --students folder, or a word such as `fresh` recorded as it is."""
+    folder = students if isinstance(students, Path) else None
     return RunRecord(run_id="", recipe=json.loads(json.dumps(to_dict(recipe))), world_size=world_size,
-                     inputs=input_hashes(recipe, students, HashCache(cache)),
-                     students=str(students.resolve()) if students else None)
+                     inputs=input_hashes(recipe, folder, HashCache(cache)),
+                     students=str(folder.resolve()) if folder else students)
 
 
 # ---- input hashes --------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Hooks on the targeted teacher operators record each operator's input (the teacher's own activations: teacher
 forcing) and output (for attention, the output before the residual gate). Each student regresses its operator's
-output from that input. All students learn from the same forward pass, and no activation is stored on disk.
+output from that input. A parallel pair of blocks (a, a + 1) regresses the two blocks' residual update (block a + 1's
+output minus block a's input) from block a's inputs. All students learn from the same forward pass, and no
+activation is stored on disk.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from common.files import save_json, save_text
 from common.runtime import compute_dtype, pick_device
 from common.tables import markdown_table
 from models.diffusion import GaussianDiffusion
-from models.graft import Graft, GraftSpec
+from models.graft import BLOCKS, Graft, GraftSpec
 from models.operators.kernels import log_backends_once
+from models.parallel_blocks import pair_paths
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import BatchSource, call_model, noise_batch, to_device
@@ -40,16 +43,36 @@ def module_name(path: str) -> str:
 
 
 class ActivationTap:
-    """Forward hooks that record (input, token grid, output) of the targeted teacher operators."""
+    """Forward hooks that record (input, token grid, output) of the targeted teacher operators; for a parallel pair
+    (`blocks.{a}`), (block a's input, its other arguments, the residual update of blocks a and a + 1)."""
 
     def __init__(self, model: nn.Module, paths: list[str]):
         self.records: dict[str, tuple[torch.Tensor, tuple | None, torch.Tensor]] = {}
-        self.handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths]
+        self.pair_inputs: dict[str, tuple] = {}
+        self.handles = []
+        for p in paths:
+            pair = pair_paths(p)
+            if pair is None:
+                self.handles.append(model.get_submodule(p).register_forward_hook(self._hook(p)))
+            else:
+                self.handles += [model.get_submodule(pair[0]).register_forward_hook(self._pair_input(p)),
+                                 model.get_submodule(pair[1]).register_forward_hook(self._pair_output(p))]
 
     def _hook(self, path: str):
         def record(module, args, output):
             hw = args[1] if len(args) > 1 else None
             self.records[path] = (args[0].detach(), hw, output.detach())
+        return record
+
+    def _pair_input(self, path: str):
+        def record(module, args, output):
+            self.pair_inputs[path] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        return record
+
+    def _pair_output(self, path: str):
+        def record(module, args, output):
+            x, *rest = self.pair_inputs.pop(path)
+            self.records[path] = (x, tuple(rest), output.detach() - x)
         return record
 
     def take(self) -> dict[str, tuple[torch.Tensor, tuple | None, torch.Tensor]]:
@@ -71,7 +94,9 @@ class StudentBank(nn.Module):
         for path in self.paths:
             x, hw = inputs[path]
             student = self.students[module_name(path)]
-            outputs[path] = student(x, hw) if self.kinds[path] == "mha" else student(x)
+            kind = self.kinds[path]
+            outputs[path] = student(x, hw) if kind == "mha" else student.update(x, *hw) if kind == BLOCKS else \
+                student(x)
         return outputs
 
     def student_state(self, full: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:

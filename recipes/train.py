@@ -42,6 +42,7 @@ from recipes.run_identity import (
 from recipes.run_lock import RunLock, RunLockedError
 from recipes.stage1 import best_dir
 
+FRESH = "fresh"  # --students fresh: stage 2 without distillation (an ablation)
 log = logging.getLogger("train")
 #: errors of the user's making: printed as one message, without a traceback
 USER_ERRORS = (ConfigError, RunFolderError, RunLockedError, CheckpointError, FileNotFoundError)
@@ -61,10 +62,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "students); repeatable. Refused when the change cannot take effect")
     parser.add_argument("--start-over", action="store_true", help="delete the run this folder holds (its "
                         "checkpoints, stages and export) and start a new one")
-    parser.add_argument("--students", type=Path, help="stage-1 students folder for --stage 2 "
-                        "(default: the recipe's own stage-1 output)")
+    parser.add_argument("--students", help="stage-1 students folder for --stage 2 (default: the recipe's own stage-1 "
+                        "output); `fresh`: no distillation, stage 2 starts from fresh operators (random) or parallel "
+                        "pairs (the teacher's two blocks, merged as their sum): an ablation")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def students_dir(students: str | None, recipe: Recipe) -> Path | None:
+    """The students stage 2 starts from: `--students`, else this recipe's stage-1 output; none for `fresh`."""
+    if students == FRESH:
+        return None
+    return Path(students) if students else best_dir(recipe)
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     try:
         recipe, sources = read_recipe(args.recipe, args.overrides)  # everything checked before any work starts
         check_inputs(recipe, sources, Rank.from_env().world_size,
-                     (args.students or best_dir(recipe)) if args.stage == "2" else None)
+                     students_dir(args.students, recipe) if args.stage == "2" else None)
     except USER_ERRORS as err:
         fail(err, Rank.from_env().rank)
     rank, world_size = init_process_group()
@@ -86,7 +95,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         try:
             lock = RunLock(out)
             lock.acquire()
-            record = open_run(out, current_record(recipe, world_size, args.students, out / HASH_CACHE), args.resume,
+            given = Path(args.students) if args.students not in (None, FRESH) else args.students
+            record = open_run(out, current_record(recipe, world_size, given, out / HASH_CACHE), args.resume,
                               args.allow_change, args.start_over)
             save_text(dump_recipe(recipe), out / RECIPE_FILE)
             log.info("recipe %s → %s, run %s (%d rank%s)", recipe.name, out, record.run_id, world_size,
@@ -114,7 +124,9 @@ def run_stages(args: argparse.Namespace, recipe: Recipe, rank: int, world_size: 
     from recipes.stage2 import run_stage2
 
     out = recipe.out
-    if args.stage in ("1", "all"):
+    if args.stage == "all" and args.students == FRESH:
+        log.info("--students fresh: stage 1 is skipped (fresh operators, no distillation)")
+    elif args.stage in ("1", "all"):
         if stage_done(out, "stage1", record.run_id):
             log.info("stage 1 of run %s already finished; skipping it", record.run_id)
         else:
@@ -128,7 +140,7 @@ def run_stages(args: argparse.Namespace, recipe: Recipe, rank: int, world_size: 
             log.info("stage 2 of run %s already finished; its export is %s", record.run_id, export)
             return export
         export = run_stage2(recipe, rank, world_size, resume_of(args.resume, out, "stage2"),
-                            args.students or best_dir(recipe), record.run_id)
+                            students_dir(args.students, recipe), record.run_id)
         if rank == 0:
             mark_done(out, "stage2", record)
         barrier()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval import speed
+from eval import speed, speed_pairs
 from eval.flops import meta_forward_flops, pixart_forward_flops
 from models.graft import GraftSpec
 from models.pixart import PixArtSigma
@@ -96,3 +96,39 @@ def test_a_grafted_checkpoint_of_another_architecture_is_refused(tmp_path, monke
     with pytest.raises(SystemExit, match="depth: 2 vs 3"):
         speed.main(["--model", "full", "--device", "cpu", "--grafted-ckpt", str(tmp_path / "grafted"),
                     "--repeats", "1", "--warmup", "0", "--sampling-repeats", "0", "--out", str(tmp_path / "out")])
+
+
+def test_parallel_pairs_compare_sequential_and_halved_depth(tmp_path, monkeypatch, capsys):
+    """`--parallel-pairs` on a small DiT proxy: 4 blocks in sequence against 2 fused pairs and their unfused twin,
+    the same function to fp32 precision, FLOPs that differ only by the merge projections (2 · tokens · 2d · d)."""
+    monkeypatch.setattr(speed_pairs, "PROXY", dict(hidden_size=64, num_heads=4))
+    report = speed.main(["--parallel-pairs", "--device", "cpu", "--arch", "depth=4", "input_size=8", "--batch", "1",
+                         "3", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert "CPU PROXY — not DiT-XL-2-256x256" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "parallel_pairs.json").read_text())
+    assert saved == json.loads(json.dumps(report)) and not (tmp_path / "speed.json").exists()
+    s = saved["setup"]
+    assert (s["family"], s["depth"], s["hidden_size"], s["tokens"]) == ("dit", 4, 64, 16)
+    assert s["fused_vs_unfused_max_rel_diff"] < 1e-5
+    rows = {(r["batch"], r["name"]): r for r in saved["rows"]}
+    assert sorted(rows) == [(b, n) for b in (1, 3) for n in ("parallel", "parallel, unfused", "sequential")]
+    for batch in (1, 3):
+        sequential, parallel = rows[batch, "sequential"], rows[batch, "parallel"]
+        assert (sequential["sequential_blocks"], parallel["sequential_blocks"]) == (4, 2)
+        merges = 2 * batch * 16 * (2 * 64) * 64 * 2  # 2 pairs
+        assert parallel["forward_flops"] - sequential["forward_flops"] == merges
+        assert rows[batch, "parallel, unfused"]["forward_flops"] == parallel["forward_flops"]
+        assert parallel["params"] - sequential["params"] == 2 * (2 * 64 * 64 + 64)
+        assert len(parallel["forward_s"]) == 2 and sequential["speedup"] == 1
+    assert "| 3 | parallel | 2 |" in (tmp_path / "parallel_pairs.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--parallel-pairs", "--graft", "g.yaml"], "--graft: not with --parallel-pairs"),
+    (["--family", "dit"], "--family: only with --parallel-pairs"),
+    (["--batch", "1", "2"], "--batch takes one size here"),
+])
+def test_options_of_the_other_comparison_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -8,29 +8,31 @@ import torch
 import yaml
 
 from common.config import ConfigError
-from models.graft import GraftSpec
+from models.graft import BLOCKS, GraftSpec
 from models.operators import SETTINGS_DIR, load_settings, operator_info, settings_operator
+from models.parallel_blocks import ParallelPair
 from recipes.builders import FAMILIES
 from recipes.config import load_recipe
 from recipes.distributed import deepspeed_config
 from recipes.engine import lr_factor
 from tests.conftest import REPO
 
+GRAFT_SPECS = REPO / "recipes" / "grafts"  # graft specs, not recipes
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
-                 if not p.name.startswith("_") and p.parent != SETTINGS_DIR)
+                 if not p.name.startswith("_") and p.parent not in (SETTINGS_DIR, GRAFT_SPECS))
 PRETRAINED = {"dit": "DiT-XL/2", "pixart": "PixArt-Sigma-XL-2-2K-MS"}  # what the recipes' checkpoints hold
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_shipped_recipes_load_and_their_operators_build(path):
-    """Every recipe names its operator settings by file (never inline), loads, and builds its operators for its
-    model's architecture (on the meta device)."""
+    """Every recipe names its operator settings by file (never inline), loads, and builds its operators (or parallel
+    pairs) for its model's architecture (on the meta device)."""
     recipe = load_recipe(path)
     assert recipe.name == path.stem if path.parent.name == "recipes" else recipe.name.endswith(path.stem)
-    raw = yaml.safe_load(path.read_text())["graft"]["grafts"]
+    raw = [g for g in yaml.safe_load(path.read_text())["graft"]["grafts"] if g["type"] != BLOCKS]
     settings = [(path.parent / g["config_filepath"]).resolve() for g in raw]
     assert all("config" not in g for g in raw) and all(s.parent == SETTINGS_DIR for s in settings)
-    for graft, file in zip(recipe.graft["grafts"], settings):
+    for graft, file in zip([g for g in recipe.graft["grafts"] if g["type"] != BLOCKS], settings):
         assert graft["config"] == load_settings(file.stem) and graft["name"] == settings_operator(file.stem)
     family = FAMILIES[recipe.model.family]
     with torch.device("meta"):
@@ -41,7 +43,9 @@ def test_shipped_recipes_load_and_their_operators_build(path):
     assert operators and set(operators) == set(grafts)
     for p, op in operators.items():
         config = grafts[p].config
-        if grafts[p].name == "mlp":
+        if grafts[p].type == BLOCKS:
+            assert isinstance(op, ParallelPair) and op.merge.in_features == 2 * model.config.hidden_size
+        elif grafts[p].name == "mlp":
             assert op.fc1.out_features == model.config.hidden_size * config["expansion_ratio"]
         else:
             assert isinstance(op, operator_info(grafts[p].name).factory())

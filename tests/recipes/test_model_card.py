@@ -178,3 +178,13 @@ def test_given_names_fill_the_front_matter(pixart_export):
     assert readme.data.base_model_relation == "finetune"
     with pytest.raises(ConfigError, match="not an export folder"):
         write_model_card(pixart_export / "card")
+
+
+def test_a_depth_halved_export_says_what_was_paired(tmp_path):
+    """Parallel pairs (blocks 0-1 and 2-3 of 4): the card names the depth change and the pairs' stage-1 target."""
+    text = card(export(tmp_path / "export", "tiny_pixart_parallel.yaml")).text
+    assert "with 4 of its 4 blocks run as 2 parallel pairs (`parallel_pair`)" in text
+    assert "each parallel pair from the residual update of the two blocks it replaces" in text
+    assert "| blocks, as parallel pairs | `parallel_pair` | 0, 1, …, 3 | 4 / 4 (100%) |" in text
+    assert "- Depth: 4 → 2 sequential blocks (2 parallel pairs" in text
+    assert "regress each parallel pair's output from the teacher's input (blocks, as parallel pairs: L1)" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import socket
@@ -259,3 +260,28 @@ def test_a_run_folder_keeps_its_settings_and_its_lock_and_refuses_crafted_checkp
     assert record["recipe"]["stage1"]["optim"]["lr"] == 1e-3
     assert json.loads((tmp_path / "stage1" / "DONE").read_text())["run_id"] == record["run_id"]
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_parallel_pairs_distil_finetune_and_export(tmp_path):
+    """Depth 4 → 2 parallel pairs: stage 1 regresses each pair's residual update (the teacher's own blocks, summed,
+    start at about 6% relative error on this tiny teacher), stage 2 finetunes the whole model, and the export
+    reloads as fused pairs holding stage 2's EMA weights."""
+    from models.parallel_blocks import ParallelPixArtPair
+
+    train(tmp_path, ["stage1.steps=60", "stage2.steps=20", "stage2.log_every=5"],
+          recipe=REPO / "recipes" / "tiny_pixart_parallel.yaml")
+    stage1 = losses(tmp_path / "stage1" / "metrics.jsonl")
+    assert stage1[-1] < stage1[0] / 2, stage1
+    for path in ("blocks.0", "blocks.2"):
+        info = json.loads((tmp_path / "stage1" / "best" / f"{path}.json").read_text())
+        assert info["rel_err"] < 0.03 and info["loss"] == "l1", info
+    assert all(math.isfinite(x) for x in losses(tmp_path / "stage2" / "metrics.jsonl"))
+    model = PixArtSigma.from_pretrained(tmp_path / "export")
+    assert len(model.blocks) == 2 and all(isinstance(b, ParallelPixArtPair) for b in model.blocks)
+    assert model.blocks.indexes() == [0, 2]
+    last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
+                      weights_only=True)["stage"]["ema"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], last[k]) for k in ("blocks.0.merge.weight", "blocks.2.attn.qkv.weight"))
+    d = model.config.hidden_size
+    assert not torch.equal(state["blocks.0.merge.weight"], torch.eye(d).repeat(1, 2))  # trained, not the sum
