@@ -16,7 +16,7 @@ from common.config import ConfigError
 from models.layers import Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks, unpatchify
 from models.operators.attention import MultiHeadAttention
 from models.operators.attention_core import attention, masked_key_attention
-from models.operators.kernels import PURE, UsesKernel
+from models.operators.kernels import UsesKernel, pure_backend
 from models.pretrained import PretrainedModel
 from models.weights import KeyMap, KeyRule, StateDict
 
@@ -118,7 +118,7 @@ class CrossAttention(UsesKernel, nn.Module):
         q = self.q_linear(x).reshape(b, n, self.num_heads, self.head_dim)
         k, v = self.kv_linear(y).reshape(b, y.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
         if y_mask is None:
-            out, self.backend = attention(q, k, v), PURE
+            out, self.backend = attention(q, k, v), pure_backend()
         else:
             out, self.backend = masked_key_attention(q, k, v, y_mask)
         return self.proj(out.reshape(b, n, c))
