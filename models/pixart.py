@@ -13,7 +13,16 @@ import torch
 from torch import nn
 
 from common.config import ConfigError
-from models.layers import Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks, unpatchify
+from models.layers import (
+    Mlp,
+    PatchEmbed,
+    SinCosPositions,
+    TimestepEmbedder,
+    gated_residual,
+    modulate,
+    run_blocks,
+    unpatchify,
+)
 from models.operators.attention import MultiHeadAttention
 from models.operators.attention_core import attention, masked_key_attention
 from models.operators.kernels import UsesKernel, pure_backend
@@ -140,9 +149,9 @@ class PixArtBlock(nn.Module):
                 hw: tuple[int, int]) -> torch.Tensor:
         mod = self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw)
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw))
         x = x + self.cross_attn(x, y, y_mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class CaptionEmbedder(nn.Module):

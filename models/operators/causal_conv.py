@@ -10,6 +10,7 @@ Inputs are (B, C, L) in any memory layout. Token mixers pass their (B, L, C) pro
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
@@ -40,12 +41,13 @@ class CausalDepthwiseConv1d(UsesKernel, nn.Conv1d):
 
         No padded copy and no layout change (a depthwise `F.conv1d` needs both, and on the CPU it is several times
         slower). Eagerly it runs as one op, `grafting::shifted_causal_conv`, with a backward pass written the same
-        way and a FLOP formula; compiled, as plain multiply-adds that the compiler fuses with their neighbours.
+        way and a FLOP formula; compiled, as a sum of shifted views of the left-padded input (`padded_taps`),
+        which the compiler fuses with its neighbours into one loop.
         Half precision accumulates in float32, as the kernel does.
         """
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         args = (x.to(acc), self.weight[:, 0].to(acc), None if self.bias is None else self.bias.to(acc))
-        out = shifted_taps(*args) if compiling() else shifted_causal_conv(*args)
+        out = padded_taps(*args) if compiling() else shifted_causal_conv(*args)
         return out.to(x.dtype)
 
     def forward_flops(self, length: int) -> int:
@@ -67,6 +69,15 @@ def shifted_taps(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
                                                                                         x[..., :length - back])
             target.addcmul_(source, taps[:, j, None])
     return out
+
+
+def padded_taps(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`shifted_taps` without in-place updates, for the compiler: every term reads the left-padded input, so the
+    padding, the taps, the bias and whatever consumes the result become one fused loop."""
+    length, k = x.shape[-1], taps.shape[1]
+    padded = F.pad(x, (k - 1, 0))
+    out = sum(padded[..., j:j + length] * taps[:, j, None] for j in range(k))
+    return out if bias is None else out + bias[:, None]
 
 
 @torch.library.custom_op("grafting::shifted_causal_conv", mutates_args=())
