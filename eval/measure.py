@@ -107,18 +107,25 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def op_profile(fn: Callable[[], object], device: torch.device) -> dict[str, float]:
-    """torch.profiler's self time (ms) per op name over one call of `fn` (CPU ops; and CUDA kernels on a GPU).
-    Self time is wall time inside the op, so on a loaded machine it includes time the op waited to run."""
+def op_profile(fn: Callable[[], object], device: torch.device, calls: int = 3) -> dict[str, float]:
+    """torch.profiler's self time (ms) per op name in one call of `fn`, the median over `calls` profiled calls (CPU
+    ops; CUDA kernels on a GPU). Self time is wall time inside the op, so on a loaded machine it includes time the
+    op waited to run; the median over calls damps that."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    ms: dict[str, float] = defaultdict(float)
-    for event in prof.key_averages():
-        ms[event.key] += (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e3
-    return {name: value for name, value in ms.items() if value > 0}
+    per_call = []
+    for _ in range(calls):
+        with profile(activities=activities) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        ms: dict[str, float] = defaultdict(float)
+        for event in prof.key_averages():
+            ms[event.key] += (event.self_device_time_total if device.type == "cuda"
+                              else event.self_cpu_time_total) / 1e3
+        per_call.append(ms)
+    ops = {op for ms in per_call for op in ms}
+    medians = {op: statistics.median(ms.get(op, 0.0) for ms in per_call) for op in ops}
+    return {op: value for op, value in medians.items() if value > 0}
 
 
 def machine_load() -> float | None:

@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what the tables report on the CPU: wall-clock time, or process CPU time (less "
+                        "disturbed by other jobs; with --threads 1, close to the work done); the other goes below")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure every model under torch.compile, beside eager (default: on with CUDA)")
     parser.add_argument("--compile-mode", help="torch.compile mode, e.g. max-autotune (default: torch's)")
@@ -240,14 +243,16 @@ def measure_mode(mode: str, variants: list[Variant], args: argparse.Namespace, d
 
 
 def speedups(results: dict[str, dict]) -> dict[str, dict]:
-    """Paired speed-ups of every model over the baseline of the same mode (wall, CPU time, sampling)."""
+    """Paired speed-ups of every model over the baseline of the same mode: `forward` and `sampling`, each in wall
+    time and (`_cpu`) in process CPU time."""
     base = results["baseline"]
     out = {}
     for name, r in results.items():
-        pairs = {"forward": (base["forward"]["wall"], r["forward"]["wall"]),
-                 "forward_cpu": (base["forward"]["cpu"] or [], r["forward"]["cpu"] or []),
-                 "sampling": ((base["sampling"] or {}).get("wall", []), (r["sampling"] or {}).get("wall", []))}
-        out[name] = {key: (asdict(ratio) if (ratio := Ratio.of(*pair)) else None) for key, pair in pairs.items()}
+        out[name] = {}
+        for what in ("forward", "sampling"):
+            for clock, suffix in (("wall", ""), ("cpu", "_cpu")):
+                ratio = Ratio.of(*((x[what] or {}).get(clock) or [] for x in (base, r)))
+                out[name][what + suffix] = asdict(ratio) if ratio else None
     return out
 
 
@@ -283,6 +288,7 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
             "cpus": torch.get_num_threads() if device.type != "cuda" else None, "torch": torch.__version__,
             "steps": args.steps, "cfg": args.cfg, "warmup": args.warmup, "repeats": args.repeats,
             "sampling_repeats": args.sampling_repeats, "compile_mode": args.compile_mode,
+            "clock": args.clock if device.type != "cuda" else "wall",
             "weights": str(args.ckpt) if args.ckpt else "random",
             "load_average": [load_before, machine_load()], "cpu_count": os.cpu_count(),
         },

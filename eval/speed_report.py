@@ -40,7 +40,8 @@ def heading(report: dict) -> str:
                  f"tokens ({s['image_side']}² pixels), depth {s['depth']}, width {s['hidden_size']}, {s['weights']} "
                  f"weights, torch {s['torch']}; medians over {s['repeats']} forward / {s['sampling_repeats']} "
                  f"sampling rounds ({s['steps']} steps, CFG {s['cfg']}: transformer batch {cfg_batch}){load_text}. "
-                 "Speed-ups: median of the per-round ratios to the baseline of the same mode, (lowest–highest).")
+                 "Speed-ups: median of the per-round ratios to the baseline of the same mode, (lowest–highest)."
+                 + (" **Times are process CPU time**, not the wall clock." if s["clock"] == "cpu" else ""))
     if report["withheld"]:
         lines += ["", "**Speed-ups withheld:** modules ran the pure-PyTorch path where a CUDA kernel was expected ("
                   + "; ".join(f"{k}: {', '.join(v)}" for k, v in report["missing_kernels"].items())
@@ -63,8 +64,33 @@ def of_bound(ratio: dict | None, bound: float, withheld: bool) -> str:
     return "–" if withheld or ratio is None else f"{ratio['median'] / bound:.2f}"
 
 
+def clocks(report: dict) -> tuple[str, str | None]:
+    """(the clock the tables use, the other one measured, if any): `wall` / `cpu`."""
+    main = report["setup"]["clock"]
+    other = "wall" if main == "cpu" else "cpu"
+    measured = any(row[mode]["forward"][other] for row in report["rows"] for mode in report["modes"])
+    return main, other if measured else None
+
+
+def ratio_key(what: str, clock: str) -> str:
+    return what + ("_cpu" if clock == "cpu" else "")
+
+
+def other_clock_line(report: dict, what: str) -> str:
+    """The speed-ups in the clock the table does not use, as one sentence."""
+    main, other = clocks(report)
+    if other is None or report["withheld"]:
+        return ""
+    ratios = [f"{mode} {row['name']} {r['median']:.2f}× ({r['low']:.2f}–{r['high']:.2f})"
+              for mode in report["modes"] for row in report["rows"][1:]
+              if (r := report["speedups"][mode][row["name"]][ratio_key(what, other)])]
+    label = "process CPU time" if other == "cpu" else "wall-clock time"
+    return f"\n\nThe same rounds in {label}: " + "; ".join(ratios) + "." if ratios else ""
+
+
 def forward_table(report: dict) -> str:
     """Per model: FLOPs and bound, then per mode latency, speed-up, share of the bound and TFLOP/s."""
+    clock, _ = clocks(report)
     headers, align = ["model", "fwd TFLOP", "FLOP bound"], "lrr"
     for mode in report["modes"]:
         headers += [f"{mode} ms", "speed-up", "of bound", "TFLOP/s"]
@@ -74,23 +100,18 @@ def forward_table(report: dict) -> str:
         tflop = row["forward_flops"] / 1e12
         line = [row["name"], f"{tflop:.3g}", f"{row['flop_bound']:.3f}×"]
         for mode in report["modes"]:
-            median = statistics.median(row[mode]["forward"]["wall"])
-            ratio = report["speedups"][mode][row["name"]]["forward"]
+            median = statistics.median(row[mode]["forward"][clock])
+            ratio = report["speedups"][mode][row["name"]][ratio_key("forward", clock)]
             line += [f"{median * 1e3:.1f}", ratio_text(ratio, report["withheld"]),
                      of_bound(ratio, row["flop_bound"], report["withheld"]), f"{tflop / median:.3g}"]
         rows.append(line)
-    text = "### One forward pass\n\n" + markdown_table(headers, rows, align=align)
-    cpu = [f"{mode} {row['name']} {r['median']:.2f}× ({r['low']:.2f}–{r['high']:.2f})"
-           for mode in report["modes"] for row in report["rows"][1:]
-           if (r := report["speedups"][mode][row["name"]]["forward_cpu"])]
-    if cpu and not report["withheld"]:
-        text += ("\n\nThe same rounds in process CPU time (less disturbed by other jobs than the wall clock): "
-                 + "; ".join(cpu) + ".")
-    return text
+    return "### One forward pass\n\n" + markdown_table(headers, rows, align=align) + other_clock_line(report,
+                                                                                                     "forward")
 
 
 def sampling_table(report: dict) -> str:
     s = report["setup"]
+    clock, _ = clocks(report)
     headers, align = ["model"], "l"
     for mode in report["modes"]:
         headers += [f"{mode} s", "speed-up", "of bound"]
@@ -100,12 +121,12 @@ def sampling_table(report: dict) -> str:
         line = [row["name"]]
         for mode in report["modes"]:
             sampling = row[mode]["sampling"]
-            ratio = report["speedups"][mode][row["name"]]["sampling"]
-            line += [f"{statistics.median(sampling['wall']):.2f}" if sampling else "–",
+            ratio = report["speedups"][mode][row["name"]][ratio_key("sampling", clock)]
+            line += [f"{statistics.median(sampling[clock]):.2f}" if sampling else "–",
                      ratio_text(ratio, report["withheld"]), of_bound(ratio, row["flop_bound"], report["withheld"])]
         rows.append(line)
     return (f"### {s['steps']}-step sampling (DPM-Solver++, CFG {s['cfg']})\n\n"
-            + markdown_table(headers, rows, align=align))
+            + markdown_table(headers, rows, align=align) + other_clock_line(report, "sampling"))
 
 
 def memory_table(report: dict) -> str:
@@ -159,6 +180,6 @@ def profile_table(report: dict) -> str:
                                                                                    profiles.values()))
     rows = [[f"`{op}`", *(f"{profiles[n].get(op, 0):.1f}" for n in names)] for op in ops[:PROFILE_ROWS]]
     rows.append(["all ops", *(f"{sum(profiles[n].values()):.1f}" for n in names)])
-    return ("### Where one eager forward spends its time (torch.profiler, self ms per op)\n\n"
+    return ("### Where one eager forward spends its time (torch.profiler: self ms per op, median of 3 calls)\n\n"
             + markdown_table(["op", *names], rows, align="l" + "r" * len(names))
             + "\n\nSelf time is wall time inside each op: on a loaded machine it includes waiting to run.")
