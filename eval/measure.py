@@ -6,6 +6,7 @@ its process CPU time, which other jobs' load disturbs much less than the wall cl
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +111,23 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def op_profile(fn: Callable[[], object], device: torch.device, calls: int = 3) -> dict[str, float]:
-    """torch.profiler's self time (ms) per op name in one call of `fn`, the median over `calls` profiled calls (CPU
-    ops; CUDA kernels on a GPU). Self time is wall time inside the op, so on a loaded machine it includes time the
-    op waited to run; the median over calls damps that."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+def op_profile(fn: Callable[[], object], device: torch.device, calls: int = 3, clock: str = "wall"
+               ) -> dict[str, float]:
+    """Self time (ms) per op in one call of `fn`, the median over `calls` calls.
+
+    `wall`: torch.profiler's self time of each op (CPU ops; CUDA kernels on a GPU). It is wall time inside the op,
+    so on a loaded machine it includes time the op waited to run. `cpu` (CPU only): the calling thread's CPU time
+    in each ATen op, taken at the dispatcher (`OpCpuTimer`); with one torch thread all the work is on that thread,
+    so other jobs barely disturb it.
+    """
     per_call = []
     for _ in range(calls):
+        if clock == "cpu":
+            with OpCpuTimer() as timer:
+                fn()
+            per_call.append(timer.ms)
+            continue
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             fn()
             if device.type == "cuda":
@@ -126,6 +140,29 @@ def op_profile(fn: Callable[[], object], device: torch.device, calls: int = 3) -
     ops = {op for ms in per_call for op in ms}
     medians = {op: statistics.median(ms.get(op, 0.0) for ms in per_call) for op in ops}
     return {op: value for op, value in medians.items() if value > 0}
+
+
+class OpCpuTimer(TorchDispatchMode):
+    """Adds up the calling thread's CPU time per ATen op (`aten::addmm`, …; a custom op counts as one) while
+    active. Ops are seen after autograd and decomposition, as the profiler names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ms: dict[str, float] = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.thread_time()
+        out = func(*args, **(kwargs or {}))
+        self.ms[func._schema.name] += (time.thread_time() - start) * 1e3
+        return out
+
+
+def warn_cpu_clock_threads(clock: str) -> None:
+    """Process CPU time counts the time idle OpenMP threads spin while they wait for work; with more than one
+    thread it overstates small ops, so say so."""
+    if clock == "cpu" and torch.get_num_threads() > 1:
+        log.warning("CPU time with %d threads includes threads spinning while they wait; use --threads 1 for a "
+                    "CPU time close to the work done", torch.get_num_threads())
 
 
 def machine_load() -> float | None:

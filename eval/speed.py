@@ -44,7 +44,7 @@ import torch
 from common.files import save_json, save_text
 from common.runtime import parse_dtype, pick_device, setup_logging
 from eval.flops import meta_forward_flops, pixart_forward_flops
-from eval.measure import Ratio, machine_load, op_profile, peak_memory, time_alternating
+from eval.measure import Ratio, machine_load, op_profile, peak_memory, time_alternating, warn_cpu_clock_threads
 from eval.speed_report import markdown_report
 from models import compile as compiling
 from models.graft import GraftSpec
@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the peak memory of one training forward + backward per model (eager)")
     parser.add_argument("--profile", action="store_true",
-                        help="add torch.profiler's time per op of one eager forward of every model")
+                        help="add the time per op of one eager forward of every model (torch.profiler; with "
+                        "--clock cpu, each op's CPU time)")
     parser.add_argument("--allow-missing-kernels", action="store_true",
                         help="print speed-ups even when a module ran the pure-PyTorch path where a CUDA kernel "
                         "was expected")
@@ -274,7 +275,8 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
     profiles = {}
     if args.profile:
         with torch.inference_mode():
-            profiles = {v.name: op_profile(lambda m=v.model: m(*inputs), device) for v in variants}
+            clock = args.clock if device.type != "cuda" else "wall"
+            profiles = {v.name: op_profile(lambda m=v.model: m(*inputs), device, clock=clock) for v in variants}
     missing = {f"{mode}: {name}": r["missing_kernels"] for mode in modes for name, r in results[mode].items()
                if r["missing_kernels"]}
     base_flops = flops["baseline"]["total"]
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type != "cuda":
+        warn_cpu_clock_threads(args.clock)
     kind = "dry-run" if args.dry_run else args.model if args.model != "auto" else (
         "full" if device.type == "cuda" else "proxy")
     args.model = kind

@@ -173,13 +173,16 @@ def kernels_section(report: dict) -> str:
 
 
 def profile_table(report: dict) -> str:
-    """torch.profiler's self time per op of one eager forward, the ops that took longest in any model first."""
+    """Self time per op of one eager forward, the ops that took longest in any model first."""
     names = [row["name"] for row in report["rows"]]
     profiles = report["profile"]
     ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -max(p.get(op, 0) for p in
                                                                                    profiles.values()))
     rows = [[f"`{op}`", *(f"{profiles[n].get(op, 0):.1f}" for n in names)] for op in ops[:PROFILE_ROWS]]
     rows.append(["all ops", *(f"{sum(profiles[n].values()):.1f}" for n in names)])
-    return ("### Where one eager forward spends its time (torch.profiler: self ms per op, median of 3 calls)\n\n"
-            + markdown_table(["op", *names], rows, align="l" + "r" * len(names))
-            + "\n\nSelf time is wall time inside each op: on a loaded machine it includes waiting to run.")
+    cpu = report["setup"]["clock"] == "cpu"
+    how = "CPU ms per op (`eval.measure.OpCpuTimer`)" if cpu else "torch.profiler, self ms per op"
+    note = ("The calling thread's CPU time inside each ATen op." if cpu else
+            "Self time is wall time inside each op: on a loaded machine it includes waiting to run.")
+    return (f"### Where one eager forward spends its time ({how}, median of 3 calls)\n\n"
+            + markdown_table(["op", *names], rows, align="l" + "r" * len(names)) + "\n\n" + note)

@@ -35,3 +35,18 @@ def test_cpu_peak_memory_counts_what_is_alive_at_once():
         return c.sum()
 
     assert before.numel() and 2 * MIB <= peak_memory(work, torch.device("cpu")) < 2 * MIB + 1024
+
+
+def test_op_cpu_profile_names_each_aten_op_and_custom_ops_as_one():
+    from eval.measure import op_profile
+    from models.operators import build
+
+    op = build("hyena_x", d_model=32, l_max=64)
+    x = torch.randn(2, 64, 32)
+    with torch.inference_mode():
+        ms = op_profile(lambda: op(x, (8, 8)), torch.device("cpu"), clock="cpu")
+    # ops are counted at the outermost dispatch: the projections as one op (linear, or addmm below autograd),
+    # the convolution as the one custom op whatever it runs inside
+    assert {"grafting::shifted_causal_conv", "aten::mul"} <= set(ms)
+    assert {"aten::linear", "aten::addmm"} & set(ms)
+    assert all(value >= 0 for value in ms.values())

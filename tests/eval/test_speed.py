@@ -140,9 +140,10 @@ def test_a_grafted_checkpoint_of_another_architecture_is_refused(tmp_path, monke
 
 def test_cpu_clock_reports_process_cpu_time_and_the_wall_clock_below(tmp_path):
     speed.main(["--dry-run", "--no-compile", "--clock", "cpu", "--repeats", "2", "--sampling-repeats", "1",
-                "--steps", "1", "--no-train-memory", "--ratios", "0.5", "--out", str(tmp_path)])
+                "--steps", "1", "--no-train-memory", "--ratios", "0.5", "--profile", "--out", str(tmp_path)])
     text = (tmp_path / "speed.md").read_text()
     assert "**Times are process CPU time**" in text
+    assert "spends its time (CPU ms per op" in text and "| `grafting::shifted_causal_conv` | 0.0 |" in text
     assert text.count("The same rounds in wall-clock time: eager hyena_x 50% ") == 2  # forward and sampling
     saved = json.loads((tmp_path / "speed.json").read_text())
     cpu = saved["rows"][0]["eager"]["forward"]["cpu"]
