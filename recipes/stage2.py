@@ -24,6 +24,7 @@ from recipes.distributed import barrier
 from recipes.ema import EMA
 from recipes.engine import deepspeed_engine, full_state_dict
 from recipes.lora import attach_lora, merge_lora
+from recipes.model_card import write_model_card
 from recipes.reporting import RunLog
 from recipes.stage1 import load_students
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 def grafted_model(recipe: Recipe, students_dir: Path | None) -> tuple[PretrainedModel, GraftSpec]:
     """The teacher with its targeted operators replaced: by the stage-1 students, or fresh if none are given."""
     model = build_teacher(recipe)
+    # fresh operators and LoRA weights: the same in every run (torch seeds its default generator at random), with
+    # or without stage 1 earlier in the process
+    torch.manual_seed(recipe.seed)
     spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
     students = load_students(students_dir, spec, model) if students_dir is not None else None
     spec.apply(model, students)
@@ -132,6 +136,7 @@ def export(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int)
             merge_lora(model)
         model.save_pretrained(folder)
         save_text(dump_recipe(recipe), folder / "recipe.yaml")
+        write_model_card(folder, new_weights=True)
         log.info("exported the grafted model to %s", folder)
     barrier()
     return folder
