@@ -7,7 +7,7 @@ Three models, random weights (latency does not depend on the values), the same i
   branches' projections as batched GEMMs and their attention as one call (what the graft builds);
 - `parallel, unfused`: the same function computed branch by branch with the original blocks (`UnfusedPair`), which
   shows what the fusion buys; its output is checked against the fused model's before timing.
-Forward passes only (inference mode), timed in interleaved rounds (`eval.benchmark`). FLOPs come from torch's
+Forward passes only (inference mode), timed in interleaved rounds (`eval.measure`). FLOPs come from torch's
 counter on the meta device: the pairs add only the merge projections (2 · tokens · 2d · d per pair).
 
 Without CUDA it times a CPU proxy with the full model's depth and token count at width 384 (6 heads), fp32: DiT-XL/2's
@@ -28,8 +28,9 @@ from torch import nn
 
 from common.config import parse_assignments
 from common.tables import markdown_table
-from eval.benchmark import paired_speedup, random_inputs, time_alternating
 from eval.flops import counted_flops
+from eval.inputs import random_inputs
+from eval.measure import Ratio, time_alternating
 from models.dit import DiT
 from models.graft import GraftSpec
 from models.parallel_blocks import unfused_pairs
@@ -82,15 +83,16 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
             def forward(model: nn.Module) -> Callable[[], object]:
                 return lambda: model(*example)
 
-            times = time_alternating({n: forward(m) for n, m in models.items()}, device, args.warmup, args.repeats,
-                                     f"batch {batch}")
+            timings = time_alternating({n: forward(m) for n, m in models.items()}, device, args.warmup,
+                                       args.repeats, f"batch {batch}")
+            times = {name: t.wall for name, t in timings.items()}
             flops = meta_flops(family, config, batch)
             for name in models:
-                ratios = [b / o for b, o in zip(times["sequential"], times[name])]
+                ratio = Ratio.of(times["sequential"], times[name])
                 results.append({"batch": batch, "name": name, "sequential_blocks": depths[name], "params": params[name],
                                 "forward_s": times[name], "forward_median_s": statistics.median(times[name]),
-                                "speedup": paired_speedup(times["sequential"], times[name]),
-                                "speedup_range": [min(ratios), max(ratios)], "forward_flops": flops[name]})
+                                "speedup": ratio.median, "speedup_range": [ratio.low, ratio.high],
+                                "forward_flops": flops[name]})
     return {
         "setup": {
             "family": family, "model": kind, "preset": args.preset or PRESETS[family], "overrides": overrides,

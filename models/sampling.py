@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.files import atomic_write
+from models import compile as compiling
 from models.diffusion import ddpm_scheduler, pixart_scheduler, respaced_timesteps
 from models.dit import DiT
 from models.pixart import PixArtSigma
@@ -136,10 +137,13 @@ class TextToImage:
 
     @classmethod
     def from_paths(cls, pipeline: str | Path, transformer: str | Path | None = None, preset: str | None = None,
-                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> TextToImage:
+                   device: str = "cpu", dtype: torch.dtype = torch.float32, compile: bool = False) -> TextToImage:
         """Components from a diffusers-style pipeline folder; `transformer` may point elsewhere (e.g. the 2K
-        transformer folder, an original `.pth` with `preset`, or one of our grafted export folders)."""
-        model = PixArtSigma.from_pretrained(transformer or pipeline, preset=preset, dtype=dtype).to(device)
+        transformer folder, an original `.pth` with `preset`, or one of our grafted export folders). `compile`:
+        the transformer runs under torch.compile (`models.compile.for_inference`)."""
+        model = PixArtSigma.from_pretrained(transformer or pipeline, preset=preset, dtype=dtype).to(device).eval()
+        if compile:
+            compiling.for_inference(model)
         t5 = T5TextEncoder(pipeline, max_length=model.config.model_max_length, device=device, dtype=dtype)
         return cls(model, t5, LatentVAE(pipeline, device=device, dtype=dtype))
 

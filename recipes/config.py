@@ -76,6 +76,7 @@ class Stage1Section:
     eval_batches: int = 4
     log_every: int = 10
     checkpoint_every: int = 500
+    compile: bool = False  # torch.compile the frozen teacher (for inference) and the students (for training)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Stage2Section:
     gradient_checkpointing: bool = False
     log_every: int = 10
     checkpoint_every: int = 500
+    compile: bool = False  # torch.compile the grafted model (for training)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,9 @@ def check_fid(results: dict[str, Any], sampling: dict[str, Any], path: Path, fol
 
 
 def check_speed(report: dict[str, Any], path: Path, model_config: Any, graft: GraftSpec | None) -> None:
-    """speed.json of `python eval/speed.py`: the full-size model with this graft and architecture."""
-    _require(report, ("setup", "rows", "flop_bound_speedup"), path, "speed.json")
+    """speed.json of `python eval/speed.py`: the full-size model with this graft among its rows, this architecture,
+    and speed-ups that were not withheld for a missing kernel."""
+    _require(report, ("setup", "modes", "rows", "speedups"), path, "speed.json")
     setup = report["setup"]
     if setup.get("model") != "full":
         raise ConfigError(f"{path}: a {setup.get('model')!r} measurement (a CPU stand-in of another width), not "
@@ -134,9 +136,11 @@ def check_speed(report: dict[str, Any], path: Path, model_config: Any, graft: Gr
     ours = graft.to_dict() if graft else None
     arch = {k: setup.get(k) for k in ("hidden_size", "depth")}
     expected = {k: getattr(model_config, k) for k in arch}
-    if setup.get("graft") != ours or arch != expected:
-        raise ConfigError(f"{path}: measured graft {setup.get('graft')} on {arch}, but this export has {ours} on "
-                          f"{expected}")
+    measured = [row.get("graft") for row in report["rows"] if row.get("graft") is not None]
+    if ours not in measured or arch != expected:
+        raise ConfigError(f"{path}: measured grafts {measured} on {arch}, but this export has {ours} on {expected}")
+    if report.get("withheld"):
+        raise ConfigError(f"{path}: its speed-ups were withheld, kernels were missing: {report['missing_kernels']}")
 
 
 def store_reports(folder: Path, geneval: Path | None = None, fid: Path | None = None,
@@ -317,7 +321,7 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
     return lines + [""]
 
 
-def evaluation_section(folder: Path, family: Family) -> tuple[list[str], list[EvalResult]]:
+def evaluation_section(folder: Path, family: Family, graft: GraftSpec | None) -> tuple[list[str], list[EvalResult]]:
     lines, results = ["## Evaluation", ""], []
     geneval, fid, speed = _stored(folder, "geneval"), _stored(folder, "fid"), _stored(folder, "speed")
     if geneval:
@@ -353,15 +357,7 @@ def evaluation_section(folder: Path, family: Family) -> tuple[list[str], list[Ev
                                   metric_type="fid", metric_value=round(fid["metrics"]["fid"], 4),
                                   metric_name=f"FID ({fid['num_samples']} samples)"))
     if speed:
-        s = speed["setup"]
-        rows = [[r["name"], f"{r['forward_median_s'] * 1e3:.1f}", f"{r['forward_speedup']:.2f}×",
-                 f"{r['sampling_median_s']:.2f}" if r.get("sampling_median_s") else "–",
-                 f"{r['sampling_speedup']:.2f}×" if r.get("sampling_speedup") else "–"] for r in speed["rows"]]
-        lines += [f"**Speed** on {s['device']} ({s['dtype'].removeprefix('torch.')}, batch {s['batch']}, "
-                  f"{s['tokens']:,} tokens = {s['image_side']}² px, {s['steps']}-step sampling with CFG {s['cfg']}):",
-                  "", markdown_table(["model", "forward ms", "speed-up", "sampling s", "speed-up"], rows, "lrrrr"),
-                  "", f"FLOP-bound speed-up {speed['flop_bound_speedup']:.2f}×. `card/{REPORTS['speed']}` "
-                  "(`python eval/speed.py`).", ""]
+        lines += speed_section(speed, graft)
     if not (geneval or fid or speed):
         command = ("`python eval/geneval.py --ckpt EXPORT ...` and `python eval/speed.py --grafted-ckpt EXPORT ...`"
                    if family.model is PixArtSigma else "`python -m eval.fid sample --ckpt EXPORT ...` then `score`")
@@ -406,6 +402,31 @@ def _change_words(g: Graft, depth: int) -> str:
     return f"{n} of its {depth} {OPERATED[g.type]} layers replaced by `{g.name}`"
 
 
+def speed_section(speed: dict[str, Any], graft: GraftSpec | None) -> list[str]:
+    """The baseline and this export's row of a speed.json (checked by `check_speed`), in every mode it measured:
+    median latencies and the paired speed-ups with their lowest and highest round."""
+    s = speed["setup"]
+    ours = graft.to_dict() if graft else None
+    rows = []
+    for row in speed["rows"]:
+        if row["graft"] is not None and row["graft"] != ours:
+            continue
+        for mode in speed["modes"]:
+            up = speed["speedups"][mode][row["name"]]
+            cells = [row["name"], mode]
+            for what, scale, digits in (("forward", 1e3, 1), ("sampling", 1, 2)):
+                times, ratio = row[mode][what], up[what]
+                cells += [f"{statistics.median(times['wall']) * scale:.{digits}f}" if times else "–",
+                          f"{ratio['median']:.2f}× ({ratio['low']:.2f}–{ratio['high']:.2f})" if ratio else "–"]
+            rows.append(cells)
+    bound = next(row["flop_bound"] for row in speed["rows"] if row["graft"] == ours)
+    return [f"**Speed** on {s['device']} ({s['dtype'].removeprefix('torch.')}, batch {s['batch']}, "
+            f"{s['tokens']:,} tokens = {s['image_side']}² px, {s['steps']}-step sampling with CFG {s['cfg']}):", "",
+            markdown_table(["model", "mode", "forward ms", "speed-up", "sampling s", "speed-up"], rows, "llrrrr"),
+            "", f"FLOP-bound speed-up {bound:.2f}×. Speed-ups are medians of per-round ratios to the baseline of "
+            f"the same mode (lowest–highest round). `card/{REPORTS['speed']}` (`python eval/speed.py`).", ""]
+
+
 def render_card(folder: Path, options: CardOptions) -> str:
     """README.md for an export folder: front matter, graft, training, evaluation, usage."""
     family, config, graft = _model_files(folder)
@@ -415,7 +436,7 @@ def render_card(folder: Path, options: CardOptions) -> str:
     name = options.hub_id or str(folder)
     title = (options.hub_id or (recipe.name if recipe else folder.name)).split("/")[-1]
     counts = parameter_counts(folder, graft)
-    evaluation, results = evaluation_section(folder, family)
+    evaluation, results = evaluation_section(folder, family, graft)
     operators = sorted({g.name for g in graft.grafts}) if graft else []
     card = ModelCardData(
         base_model=base, base_model_relation="finetune" if base else None,

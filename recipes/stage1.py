@@ -19,6 +19,7 @@ from torch import nn
 from common.files import save_json, save_text
 from common.runtime import compute_dtype, pick_device
 from common.tables import markdown_table
+from models import compile as compiling
 from models.diffusion import GaussianDiffusion
 from models.graft import BLOCKS, Graft, GraftSpec
 from models.operators.kernels import log_backends_once
@@ -207,6 +208,10 @@ class Distiller:
         torch.manual_seed(recipe.seed)  # the same student initialisation on every rank
         students = {p: op.float() for p, op in spec.build_operators(self.teacher).items() if p in self.paths}
         self.bank = StudentBank(students, grafts).to(self.dev)
+        if self.cfg.compile:
+            compiling.for_inference(self.teacher)
+            for student in self.bank.students.values():
+                compiling.for_training(student)
         log_backends_once(self.teacher, "stage 1 teacher")
         log_backends_once(self.bank, "stage 1 students")
         self.engine: Engine = (

@@ -10,6 +10,7 @@ import torch
 
 from common.files import save_text
 from common.runtime import compute_dtype, pick_device
+from models import compile as compiling
 from models.diffusion import GaussianDiffusion
 from models.graft import GraftSpec
 from models.operators.kernels import log_backends_once
@@ -68,6 +69,8 @@ class Finetuner:
         log_backends_once(self.model, "stage 2 model")
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         self.model.train()
+        if self.cfg.compile:
+            compiling.for_training(self.model)
         self.ema = EMA(self.model, self.cfg.ema_decay, keep=rank == 0) if self.cfg.ema_decay else None
         self.engine = deepspeed_engine(self.model.to(self.dev), recipe, self.cfg.optim, self.cfg.steps, world_size)
         self.diffusion = GaussianDiffusion()

@@ -40,6 +40,7 @@ from eval.fid.sampling import (
     sample_chunks,
 )
 from eval.rank_wait import wait_for
+from models import compile as compiling
 from models.pretrained import model_sha256
 from models.vae import LatentVAE
 
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     sample.add_argument("--device", default="auto")
     sample.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    compiling.add_argument(sample)
     sample.add_argument("--rank-wait", type=float, default=6 * 3600,
                         help="seconds rank 0 waits for the other ranks' chunks before packing")
 
@@ -86,6 +88,8 @@ def run_sample(args: argparse.Namespace) -> Path | None:
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     arch = arch_overrides(args)
     model = dit_from_args(args, dtype).to(device)
+    if args.compile:
+        compiling.for_inference(model)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     settings = SamplingSettings(
         checkpoint=str(local_path(args.ckpt).resolve()), checkpoint_sha256=model_sha256(args.ckpt, "transformer"),

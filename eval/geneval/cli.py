@@ -51,6 +51,7 @@ from eval.geneval.report import write_grid, write_results, write_scores, write_s
 from eval.geneval.rules import ScoringOptions
 from eval.geneval.scoring import prompt_agnostic_baseline, score_image, summarize
 from eval.rank_wait import wait_for
+from models import compile as compiling
 from models.pretrained import is_grafted
 from models.sampling import TextToImage
 
@@ -81,6 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's trained size)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="generation dtype")
+    compiling.add_argument(gen)
 
     sel = parser.add_argument_group("prompts")
     sel.add_argument("--metadata", type=Path, help="evaluation_metadata.jsonl (default: fetched, sha256-pinned)")
@@ -162,7 +164,7 @@ def run_generation(args: argparse.Namespace, images_dir: Path, rank: Rank) -> No
 
     def load_pipe() -> TextToImage:
         return TextToImage.from_paths(args.pipeline, args.ckpt, args.preset, device=str(pick_device(args.device)),
-                                      dtype=parse_dtype(args.dtype))
+                                      dtype=parse_dtype(args.dtype), compile=args.compile)
 
     written = generate(load_pipe, prompts, images_dir, settings, args.batch_size, rank)
     log.info("rank %d wrote %d images to %s", rank.rank, written, images_dir)
