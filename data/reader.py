@@ -322,9 +322,10 @@ def _comparable(fingerprint: dict) -> dict:
 
 
 def training_batches(pattern: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                     num_workers: int = 2, shuffle_buffer: int = 1000, caption_tokens: int = 300) -> ShardLoader:
+                     num_workers: int = 2, shuffle_buffer: int = 1000, caption_tokens: int = 300,
+                     latent_channels: int = 4) -> ShardLoader:
     """The recipes' batch source: endless shuffled batches of the shards matching `pattern` (text or class data,
     whichever the shards hold), resumable through `state_dict()` / `load_state_dict()`."""
     config = ReaderConfig(shards=[pattern], batch_size=batch_size, caption_tokens=caption_tokens,
-                          shuffle_buffer=shuffle_buffer, seed=seed)
+                          shuffle_buffer=shuffle_buffer, seed=seed, latent_channels=latent_channels)
     return ShardLoader(config, Rank(rank, world_size), num_workers=num_workers)

@@ -7,10 +7,10 @@ Both models are built and timed in the same process (CUDA events on a GPU), afte
 baseline then grafted back to back. Latencies are medians over rounds; speed-ups are the median over rounds of
 the paired ratio, which cancels load that drifts between rounds (it does on shared CPU machines). Random
 weights are used unless `--ckpt` is given: latency does not depend on the values. Captions are random T5-sized
-features, 300 tokens, mask all ones. Sampling is `models.sampling.sample_pixart` (DPM-Solver++, CFG 4.5, so each
-step runs the transformer on 2 × batch); T5 and the VAE decode are not timed. The FLOP-bound speed-up is the
-ratio of analytic forward FLOPs (`eval.flops`), which every run checks against torch's FLOP counter on the meta
-device.
+features, the model's `model_max_length` tokens (300 for PixArt-Sigma), mask all ones. Sampling is
+`models.sampling.sample_pixart` (DPM-Solver++, CFG 4.5, so each step runs the transformer on 2 × batch); T5 and
+the VAE decode are not timed. The FLOP-bound speed-up is the ratio of analytic forward FLOPs (`eval.flops`), which
+every run checks against torch's FLOP counter on the meta device.
 
 Without CUDA it runs a "2K-shaped" CPU proxy (width 288, 4 heads of 72, depth 4, 4,096 tokens, fp32): the same
 tokens-to-width ratio as XL/2 at 2048² (16,384 / 1,152 ≈ 14.2), hence a similar attention share of the FLOPs.
@@ -45,7 +45,6 @@ FULL_PRESET = "PixArt-Sigma-XL-2-2K-MS"  # runs at its trained 256² latent = 20
 PROXY_OVERRIDES = dict(hidden_size=288, num_heads=4, depth=4, sample_size=128)  # 4,096 tokens: 4096 / 288 ≈ 14.2
 DEFAULT_GRAFT = {"grafts": [{"type": "mha", "name": "hyena_x", "config": {},
                              "layers": {"ratio": 0.5, "pattern": "interleaved"}}]}
-CAPTION_TOKENS = 300
 TIMESTEP = 500  # any timestep costs the same
 NOT_COMPARED = {"model_max_length"}  # T5's prompt length, not the transformer's; diffusers folders do not store it
 
@@ -178,15 +177,15 @@ def random_inputs(config: PixArtConfig, batch: int, device: torch.device, dtype:
     g = torch.Generator().manual_seed(0)
     side = config.sample_size
     latents = torch.randn(batch, config.in_channels, side, side, generator=g).to(device, dtype)
-    captions = torch.randn(batch, CAPTION_TOKENS, config.caption_channels, generator=g).to(device, dtype)
-    mask = torch.ones(batch, CAPTION_TOKENS, dtype=torch.long, device=device)
+    captions = torch.randn(batch, config.model_max_length, config.caption_channels, generator=g).to(device, dtype)
+    mask = torch.ones(batch, config.model_max_length, dtype=torch.long, device=device)
     return latents, torch.full((batch,), float(TIMESTEP), device=device), captions, mask
 
 
 def check_flops(config: PixArtConfig, batch: int, hw: tuple[int, int], graft: GraftSpec | None, analytic: int
                 ) -> None:
     """Compare the analytic count with torch's meta-device counter; warn (the bound may be off) if they differ."""
-    counted = meta_forward_flops(config, batch, hw, CAPTION_TOKENS, graft)
+    counted = meta_forward_flops(config, batch, hw, config.model_max_length, graft)
     if counted == analytic:
         log.info("analytic FLOPs match torch's FLOP counter on the meta device (%.2f TFLOP)", analytic / 1e12)
     else:
@@ -201,8 +200,8 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
     config = baseline.config
     hw = (config.sample_size // config.patch_size,) * 2
     models = {"baseline": baseline, "grafted": grafted}
-    flops = {name: pixart_forward_flops(config, args.batch, hw, CAPTION_TOKENS, spec if name == "grafted" else None)
-             for name in models}
+    flops = {name: pixart_forward_flops(config, args.batch, hw, config.model_max_length,
+                                        spec if name == "grafted" else None) for name in models}
     for name in models:
         check_flops(config, args.batch, hw, spec if name == "grafted" else None, flops[name]["total"])
 
@@ -225,7 +224,7 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
     return {
         "setup": {
             "model": kind, "preset": FULL_PRESET, "overrides": PROXY_OVERRIDES if kind == "proxy" else {},
-            "tokens": hw[0] * hw[1], "image_side": config.sample_size * 8, "hidden_size": config.hidden_size,
+            "tokens": hw[0] * hw[1], "latent_side": config.sample_size, "hidden_size": config.hidden_size,
             "depth": config.depth, "num_heads": config.num_heads, "batch": args.batch, "dtype": str(dtype),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps, "cfg": args.cfg,
@@ -250,7 +249,7 @@ def markdown_report(report: dict) -> str:
                   f"(tokens/width {s['tokens'] / s['hidden_size']:.1f}, as XL/2 at 2048²). "
                   "Real numbers need a GPU.", ""]
     lines += [f"{s['device']}, {s['dtype'].removeprefix('torch.')}, batch {s['batch']}, {s['tokens']} tokens "
-              f"({s['image_side']}² pixels), depth {s['depth']}, width {s['hidden_size']}, {s['weights']} weights; "
+              f"(latent {s['latent_side']}²), depth {s['depth']}, width {s['hidden_size']}, {s['weights']} weights; "
               f"medians over {s['repeats']} forward / {s['sampling_repeats']} sampling rounds "
               f"({s['steps']} steps, CFG {s['cfg']}: transformer batch {cfg_batch}).", "",
               markdown_table(["model", "forward ms", "speed-up", "fwd TFLOP", "TFLOP/s", "sampling s", "speed-up"],

@@ -22,7 +22,7 @@ from models.graft import Graft, GraftSpec
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import call_model, noise_batch, to_device
-from recipes.builders import build_source, build_teacher
+from recipes.builders import build_diffusion, build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
 from recipes.distributed import barrier
@@ -131,7 +131,7 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
     else:
         engine = deepspeed_engine(bank, recipe, cfg.optim, cfg.steps, world_size)
     tap = ActivationTap(teacher, mine)
-    diffusion = GaussianDiffusion()
+    diffusion = build_diffusion(recipe)
     shard_rank, shard_world = (0, 1) if split else (rank, world_size)
     source = build_source(recipe, teacher, shard_rank, shard_world, "train", cfg.shards)
     losses = {p: cfg.loss[grafts[p].type] for p in mine}

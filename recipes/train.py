@@ -29,8 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", default="auto", help="auto (default), none, or a checkpoint folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set stage2.optim.lr=5e-5 (repeatable)")
-    parser.add_argument("--students", type=Path, help="stage-1 students folder for --stage 2 "
-                        "(default: the recipe's own stage-1 output)")
+    parser.add_argument("--students", help="stage-1 students folder for --stage 2 (default: the recipe's own stage-1 "
+                        "output); `fresh`: randomly initialised operators, no distillation (an ablation)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     from recipes.stage1 import best_dir, run_stage1  # imported after the process group: DeepSpeed set-up
     from recipes.stage2 import run_stage2
 
-    if args.stage in ("1", "all"):
+    if recipe.graft is None:
+        log.info("the recipe has no graft: stage 1 has nothing to distil; stage 2 trains the model as it is")
+    elif args.stage == "all" and args.students == "fresh":
+        log.info("--students fresh: stage 1 is skipped (fresh operators, no distillation)")
+    elif args.stage in ("1", "all"):
         marker = out / "stage1" / DONE
         if args.resume == "auto" and marker.is_file():
             log.info("stage 1 already finished (%s); skipping it", marker)
@@ -60,7 +64,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                 marker.write_text("done\n")
             barrier()
     if args.stage in ("2", "all"):
-        return run_stage2(recipe, rank, world_size, args.resume, args.students or best_dir(recipe))
+        students = None if recipe.graft is None or args.students == "fresh" else Path(args.students or best_dir(recipe))
+        return run_stage2(recipe, rank, world_size, args.resume, students)
     return None
 
 
