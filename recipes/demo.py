@@ -13,8 +13,8 @@ Steps (each a command, printed before it runs; finished steps are skipped, so a 
 5. `eval/geneval.py --world shapes` for the teacher and for the graft: the held-out prompts × 4 seeds, the exact
    detector, the official rules and the prompt-agnostic baseline;
 6. `eval.fidelity`: the graft's images against the teacher's, same prompts and seeds;
-7. `eval/speed.py`: forward and sampling latency of teacher and graft at the teacher's size, and the 2K-shaped
-   CPU proxy of the same graft;
+7. `eval/speed.py` (one thread, like every step's processes): forward and sampling latency of teacher and graft
+   at the teacher's size, and the 2K-shaped CPU proxy of the same graft;
 8. the report: OUT/report.md.
 `--shared DIR` takes the shards and the teacher's GenEval from another demo folder (ablations reuse them).
 """
@@ -28,11 +28,15 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common.files import save_json, save_text
 from common.runtime import setup_logging
+from data import shapes_data
+from eval import fidelity
 from models.teachers import SHAPES_TEACHER
+from recipes import null_caption
 from recipes.config import load_recipe
 from recipes.demo_report import write_report
 from recipes.distributed import free_port
@@ -54,15 +58,19 @@ class Runner:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc),
                 "--master_port", str(free_port()), *module]
 
-    def step(self, name: str, marker: Path, command: list[str], write_marker: bool = False) -> None:
+    def step(self, name: str, marker: Path, command: list[str], write_marker: bool = False,
+             call: Callable[[list[str]], object] | None = None) -> None:
         """Run `command` unless `marker` exists (a file the step writes, or one written after it when
-        `write_marker`)."""
+        `write_marker`). With `call`, the command is a module's CLI run in this process: `call(argv)`."""
         if marker.exists():
             log.info("%s: done already (%s)", name, marker)
             return
         print(f"\n[{name}] {shlex.join(command)}", flush=True)
         started = time.perf_counter()
-        subprocess.run(command, check=True, env=self.env)
+        if call is not None:
+            call(command[3:])  # python -m MODULE ARGS…
+        else:
+            subprocess.run(command, check=True, env=self.env)
         self.timings[name] = time.perf_counter() - started
         if write_marker:
             save_text(f"{shlex.join(command)}\n", marker)
@@ -87,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gen-steps", type=int, default=20, help="teacher sampling steps for the pairs")
     parser.add_argument("--cfg", type=float, default=4.5, help="guidance for the pairs and for GenEval")
     parser.add_argument("--nproc", type=int, default=2, help="processes for generation, training and GenEval")
+    parser.add_argument("--eval-steps", type=int, default=20, help="sampling steps of GenEval (PixArt's 20)")
+    parser.add_argument("--proxy", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the same graft on the 2K-shaped CPU proxy of eval/speed.py")
     parser.add_argument("--title", default="Grafting the shapes teacher: 50% of self-attention → Hyena-X")
     return parser.parse_args(argv)
 
@@ -106,19 +117,19 @@ def main(argv: list[str] | None = None) -> Path:
     recipe = load_recipe(args.recipe, overrides)  # a bad override fails here, before any work
 
     run.step("prompts", prompts, [py, "-m", "data.shapes_data", "prompts", "--split", "train", "--n",
-                                  str(args.pairs), "--seed", "1", "--out", str(prompts)])
+                                  str(args.pairs), "--seed", "1", "--out", str(prompts)], call=shapes_data.main)
     run.step("generate", data / "generate.done", run.torchrun([
         "-m", "data.generate", "--pipeline", str(teacher), "--prompts", str(prompts), "--out", str(shards),
         "--steps", str(args.gen_steps), "--cfg", str(args.cfg), "--batch-size", "32",
         "--shard-size", str(max(1, args.pairs // 16)), "--seed", "1000"]), write_marker=True)
     run.step("null caption", null, [py, "-m", "recipes.null_caption", "--pipeline", str(teacher), "--out", str(null),
-                                    "--max-length", str(recipe.data.caption_tokens)])
+                                    "--max-length", str(recipe.data.caption_tokens)], call=null_caption.main)
     train = ["-m", "recipes.train", str(args.recipe), *[a for o in overrides for a in ("--set", o)]]
     if args.students:
         train += ["--students", args.students]
     run.step("train", graft_dir / "export" / "model.safetensors", run.torchrun(train))
     geneval = ["-m", "eval.geneval.cli", "--world", "shapes", "--pipeline", str(teacher), "--batch-size", "32",
-               "--cfg", str(args.cfg)]
+               "--cfg", str(args.cfg), "--steps", str(args.eval_steps)]
     teacher_eval, graft_eval = shared / "geneval_teacher", out / "geneval_graft"
     run.step("GenEval teacher", teacher_eval / "scores.json",
              run.torchrun([*geneval, "--ckpt", str(teacher), "--out", str(teacher_eval)]))
@@ -126,14 +137,15 @@ def main(argv: list[str] | None = None) -> Path:
              run.torchrun([*geneval, "--ckpt", str(graft_dir / "export"), "--out", str(graft_eval)]))
     run.step("fidelity", out / "fidelity" / "fidelity.json",
              [py, "-m", "eval.fidelity", "--reference", str(teacher_eval), "--candidate", str(graft_eval),
-              "--world", "shapes", "--out", str(out / "fidelity")])
+              "--world", "shapes", "--out", str(out / "fidelity")], call=fidelity.main)
     run.step("speed", out / "speed" / "speed.json",
              [py, "-m", "eval.speed", "--model", "full", "--device", "cpu", "--ckpt", str(teacher / "transformer"),
-              "--grafted-ckpt", str(graft_dir / "export"), "--batch", "16", "--repeats", "10",
-              "--sampling-repeats", "3", "--out", str(out / "speed")])
-    run.step("speed proxy", out / "speed_proxy" / "speed.json",
-             [py, "-m", "eval.speed", "--model", "proxy", "--graft", str(graft_dir / "export" / "graft.yaml"),
-              "--repeats", "5", "--sampling-repeats", "0", "--out", str(out / "speed_proxy")])
+              "--grafted-ckpt", str(graft_dir / "export"), "--batch", "8", "--repeats", "10",
+              "--sampling-repeats", "2", "--out", str(out / "speed")])
+    if args.proxy:
+        run.step("speed proxy", out / "speed_proxy" / "speed.json",
+                 [py, "-m", "eval.speed", "--model", "proxy", "--graft", str(graft_dir / "export" / "graft.yaml"),
+                  "--warmup", "1", "--repeats", "3", "--sampling-repeats", "0", "--out", str(out / "speed_proxy")])
     report = write_report(out, shared, teacher, recipe, args.title, time.perf_counter() - started)
     print(report)
     return report

@@ -47,18 +47,20 @@ SCHEDULE = NoiseSchedule(prediction_type="v_prediction", beta_schedule="squaredc
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
 
 
-def write_components(folder: Path) -> Path:
+def write_components(folder: Path, text_dim: int = TEXT_DIM, text_steps: int = TEXT_STEPS) -> Path:
     """The teacher's frozen parts. The tokenizer, codec and scheduler are byte-identical on every run; the T5
-    encoder's short pretraining on the training prompts is deterministic for a machine and thread count."""
+    encoder's short pretraining on the training prompts is deterministic for a machine and thread count (tests
+    build smaller, unpretrained ones)."""
     tokenizer = build_tokenizer(vocabulary())
     tokenizer.model_max_length = MAX_TOKENS
-    t5 = build_t5(len(tokenizer), d_model=TEXT_DIM, seed=TEXT_SEED)
+    t5 = build_t5(len(tokenizer), d_model=text_dim, seed=TEXT_SEED)
     texts = [record["prompt"] for record in split_prompts("train")]
-    losses = pretrain_context(t5, tokenizer, texts, steps=TEXT_STEPS, seed=TEXT_SEED, max_length=MAX_TOKENS)
+    if text_steps:
+        losses = pretrain_context(t5, tokenizer, texts, steps=text_steps, seed=TEXT_SEED, max_length=MAX_TOKENS)
+        save_json({"objective": "predict each token and its neighbours at offsets", "offsets": list(OFFSETS),
+                   "texts": "the shapes world's training prompts", "num_texts": len(texts), "steps": text_steps,
+                   "first_loss": losses[0], "final_loss": losses[-1]}, folder / "text_encoder" / "pretraining.json")
     t5.save_pretrained(folder / "text_encoder")
-    save_json({"objective": "predict each token and its neighbours at offsets", "offsets": list(OFFSETS),
-               "texts": "the shapes world's training prompts", "num_texts": len(texts), "steps": TEXT_STEPS,
-               "first_loss": losses[0], "final_loss": losses[-1]}, folder / "text_encoder" / "pretraining.json")
     tokenizer.save_pretrained(folder / "tokenizer")
     PixelCodec(factor=2).save_pretrained(folder / "vae")
     SCHEDULE.save(folder)
