@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         def ours(dtype: str | None) -> Callable[[], Iterable]:
             config = ReaderConfig(shards=[str(root / "shards")], batch_size=args.batch_size, epochs=args.epochs,
-                                  shuffle_buffer=args.shard_size, dtype=dtype)
-            return lambda: ShardLoader(config, num_workers=args.workers)
+                                  shuffle_buffer=args.shard_size, dtype=dtype, num_workers=args.workers)
+            return lambda: ShardLoader(config)
 
         def naive(as_bits: bool) -> Callable[[], Iterable]:
             data = NpyPerSample(root / ("npy_bf16" if as_bits else "npy_fp32"), args.samples, as_bits)

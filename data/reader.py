@@ -1,6 +1,6 @@
 """Training batches from shards: shuffled, split by rank and DataLoader worker, endless epochs, resumable.
 
-    loader = ShardLoader(ReaderConfig(shards=["data/synthetic_2k"], batch_size=4), num_workers=2)
+    loader = ShardLoader(ReaderConfig(shards=["data/synthetic_2k"], batch_size=4, num_workers=2))
     for batch in loader:           # {"latent": (B,4,h,w), "text": (B,300,D), "text_mask": (B,300), "keys": [...]}
         ...
         checkpoint["data"] = loader.state_dict()     # later: ShardLoader(config, state=checkpoint["data"])
@@ -47,10 +47,11 @@ ORDER_FIELDS = ("batch_size", "kind", "caption_tokens", "text_dim", "latent_chan
 
 @dataclass
 class ReaderConfig:
-    """What to read and how to batch it (a recipe can embed this and fill it from YAML)."""
+    """What to read, how to batch it and how to load it: every reader option, in one place. Recipes embed it as
+    `data.reader` (recipes/config.py) and fill `shards` and `seed` themselves."""
 
-    shards: list[str]  # folders (their *.tar), globs, brace patterns ("a-{000..009}.tar") or tar paths
-    batch_size: int
+    shards: list[str] = field(default_factory=list)  # folders (their *.tar), globs, brace patterns, tar paths
+    batch_size: int = 8  # per rank
     kind: Literal["auto", "text", "class"] = "auto"  # text: T5 features + mask; class: labels; auto: detect
     caption_tokens: int = 300  # text features are padded (or cut) to this many tokens
     text_dim: int | None = None  # expected feature width (4096 for T5-XXL); None: batches group by width
@@ -61,6 +62,8 @@ class ReaderConfig:
     seed: int = 0
     epochs: int | None = None  # None: endless
     dtype: str | None = None  # fp32 / bf16 / fp16 batches; None keeps the stored bf16 (cast on the device)
+    num_workers: int = 2  # DataLoader worker processes per rank, one reader slot each (0: read in this process)
+    pin_memory: bool = False  # allocate batches in pinned memory (CUDA only)
 
 
 @dataclass
@@ -251,22 +254,24 @@ class ShardLoader:
     and ordering fields of the config (`ORDER_FIELDS`); anything else is an error that names what changed.
     """
 
-    def __init__(self, config: ReaderConfig, rank: Rank | None = None, num_workers: int = 2,
-                 pin_memory: bool = False, state: dict | None = None):
-        self.rank, self.num_workers, self.pin_memory = rank or Rank.from_env(), num_workers, pin_memory
+    def __init__(self, config: ReaderConfig, rank: Rank | None = None, state: dict | None = None):
+        if not config.shards:
+            raise ValueError("ReaderConfig.shards is empty: give shard folders, globs, brace patterns or .tar paths")
+        self.rank = rank or Rank.from_env()
         self.shards = resolve_shards(config.shards)
         self.config = config if config.kind != "auto" else replace(config, kind=detect_kind(self.shards))
-        slots = self.rank.world_size * max(num_workers, 1)
+        workers = max(config.num_workers, 1)
+        slots = self.rank.world_size * workers
         if len(self.shards) < slots:
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.rank.world_size} ranks × "
-                             f"{max(num_workers, 1)} workers: every reader slot needs a shard each epoch. Write "
+                             f"{workers} workers: every reader slot needs a shard each epoch. Write "
                              "smaller shards (--shard-size) or use fewer workers")
         if len(self.shards) % slots and (len(self.shards), slots) not in _WARNED_UNEVEN:
             _WARNED_UNEVEN.add((len(self.shards), slots))
             log.warning("%d shards over %d reader slots: slots get %d or %d shards per epoch, so ranks see "
                         "different numbers of batches per epoch (count training in steps, not epochs)",
                         len(self.shards), slots, len(self.shards) // slots, len(self.shards) // slots + 1)
-        self.positions = [WorkerPosition() for _ in range(max(num_workers, 1))]
+        self.positions = [WorkerPosition() for _ in range(workers)]
         self.next_slot = 0
         self.batches = 0
         self.skipped: Counter[str] = Counter()
@@ -277,13 +282,13 @@ class ShardLoader:
         stream = ShardStream(self.config, self.shards, self.rank, list(self.positions), self.next_slot)
         text_tokens = self.config.caption_tokens if self.config.kind == "text" else None
         dtype = parse_dtype(self.config.dtype) if self.config.dtype else None
-        for plan in DataLoader(stream, batch_size=None, num_workers=self.num_workers):
+        for plan in DataLoader(stream, batch_size=None, num_workers=self.config.num_workers):
             slot = plan["_slot"]
             self.positions[slot] = WorkerPosition(**plan["_position"])
             self.skipped.update(plan["_skipped"])
             self.next_slot = (slot + 1) % len(self.positions)
             if "samples" in plan:
-                batch = collate(plan["samples"], text_tokens, dtype, self.pin_memory)
+                batch = collate(plan["samples"], text_tokens, dtype, self.config.pin_memory)
                 self.batches += 1
                 yield batch
         if self.skipped:
@@ -293,7 +298,7 @@ class ShardLoader:
     def fingerprint(self) -> dict:
         names = "\n".join(Path(p).name for p in self.shards).encode()
         return {"shards": len(self.shards), "shard_names_sha256": hashlib.sha256(names).hexdigest(),
-                "rank": self.rank.rank, "world_size": self.rank.world_size, "num_workers": self.num_workers,
+                "rank": self.rank.rank, "world_size": self.rank.world_size, "num_workers": self.config.num_workers,
                 **{k: getattr(self.config, k) for k in ORDER_FIELDS}}
 
     def state_dict(self) -> dict:
@@ -319,13 +324,3 @@ class ShardLoader:
 def _comparable(fingerprint: dict) -> dict:
     """Tuples and lists compare equal (a state may have been through JSON or YAML)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fingerprint.items()}
-
-
-def training_batches(pattern: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                     num_workers: int = 2, shuffle_buffer: int = 1000, caption_tokens: int = 300,
-                     latent_channels: int = 4) -> ShardLoader:
-    """The recipes' batch source: endless shuffled batches of the shards matching `pattern` (text or class data,
-    whichever the shards hold), resumable through `state_dict()` / `load_state_dict()`."""
-    config = ReaderConfig(shards=[pattern], batch_size=batch_size, caption_tokens=caption_tokens,
-                          shuffle_buffer=shuffle_buffer, seed=seed, latent_channels=latent_channels)
-    return ShardLoader(config, Rank(rank, world_size), num_workers=num_workers)

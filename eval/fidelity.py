@@ -31,7 +31,7 @@ from eval.geneval.colours import object_crop
 from eval.geneval.detections import ColorClassifier, Detector
 from eval.geneval.layout import GeneratedImage, list_images
 from eval.geneval.prompts import tag_order
-from eval.geneval.rules import ScoringOptions, filter_detections, relative_position
+from eval.geneval.rules import ScoringOptions, rank_detections, relative_position, select_detections
 from eval.geneval.worlds import WORLDS, get_world
 from models.sampling import image_grid, save_png
 
@@ -43,8 +43,9 @@ def scene(image: Image.Image, tag: str, detector: Detector, classifier: ColorCla
           options: ScoringOptions = ScoringOptions()) -> Scene:
     """What an image shows: the multiset of (class, colour) of its kept objects, and the multiset of
     (object, object, relations) over every ordered pair of them."""
-    kept = filter_detections(detector.detect(image), options.threshold_for(tag), options.max_objects,
-                             options.max_overlap)
+    threshold = options.threshold_for(tag)
+    ranked = rank_detections(detector.detect(image), threshold, options.max_objects)
+    kept = select_detections(ranked, threshold, options.max_objects, options.max_overlap)
     objects = []
     for name, dets in kept.items():
         crops = [object_crop(image, d.box, d.mask, options.bgcolor, options.crop) for d in dets]

@@ -155,8 +155,7 @@ def suggest_graft(shares: dict[int, dict[str, list[float]]], ks: list[int], dept
         log.warning("ratio %.2f asks for %d layers but only %d have attention; suggesting all of them",
                     ratio, wanted, len(ranked))
     chosen = sorted(ranked[:wanted])
-    spec = GraftSpec.from_dict({"grafts": [{"type": "mha", "name": operator, "config": {},
-                                            "layers": {"indexes": chosen}}]})
+    spec = GraftSpec.from_settings(operator, {"indexes": chosen})
     return spec, ranked
 
 
@@ -198,7 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--rank-by", choices=MEASURES, default="band", help="measure that ranks the layers")
     common.add_argument("--rank-k", type=int, default=4, help="radius that ranks the layers (4: the paper's SWA)")
     common.add_argument("--ratio", type=float, default=0.5, help="share of blocks in the suggested graft")
-    common.add_argument("--operator", default="hyena_x", help="operator of the suggested graft")
+    common.add_argument("--operator", default="hyena_x",
+                        help="token mixer of the suggested graft: its settings file in recipes/operators/")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--batch-size", type=int, default=4)
     common.add_argument("--device", default="auto")

@@ -36,6 +36,7 @@ from common.runtime import parse_dtype, pick_device, setup_logging
 from common.tables import markdown_table
 from eval.flops import meta_forward_flops, pixart_forward_flops
 from models.graft import GraftSpec
+from models.operators.kernels import backend_summary, backends
 from models.pixart import PixArtConfig, PixArtSigma
 from models.sampling import sample_pixart
 
@@ -43,8 +44,7 @@ log = logging.getLogger("speed")
 
 FULL_PRESET = "PixArt-Sigma-XL-2-2K-MS"  # runs at its trained 256² latent = 2048² pixels, 16,384 tokens
 PROXY_OVERRIDES = dict(hidden_size=288, num_heads=4, depth=4, sample_size=128)  # 4,096 tokens: 4096 / 288 ≈ 14.2
-DEFAULT_GRAFT = {"grafts": [{"type": "mha", "name": "hyena_x", "config": {},
-                             "layers": {"ratio": 0.5, "pattern": "interleaved"}}]}
+DEFAULT_GRAFT = ("hyena_x", {"ratio": 0.5, "pattern": "interleaved"})  # operator settings, blocks
 TIMESTEP = 500  # any timestep costs the same
 NOT_COMPARED = {"model_max_length"}  # T5's prompt length, not the transformer's; diffusers folders do not store it
 
@@ -71,13 +71,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Measurement:
-    """One model's timings (seconds, every repeat) and analytic forward FLOPs at the timed batch."""
+    """One model's timings (seconds, every repeat), analytic forward FLOPs at the timed batch, and the backend
+    every module with an optional kernel ran on (module path → backend, and a one-line summary)."""
 
     name: str
     forward_s: list[float]
     sampling_s: list[float]
     forward_flops: int
     flops_by_component: dict[str, int]
+    backends: dict[str, str]
+    backend_summary: str
 
     @property
     def forward_median(self) -> float:
@@ -119,7 +122,7 @@ def build_models(args: argparse.Namespace, config: PixArtConfig, device: torch.d
             raise SystemExit(f"{args.grafted_ckpt} holds no graft.yaml; it is not a grafted export folder")
         check_same_config(baseline.config, grafted.config, args.grafted_ckpt)
         return baseline, grafted, grafted.graft
-    spec = GraftSpec.from_yaml(args.graft) if args.graft else GraftSpec.from_dict(DEFAULT_GRAFT)
+    spec = GraftSpec.from_yaml(args.graft) if args.graft else GraftSpec.from_settings(*DEFAULT_GRAFT)
     spec = spec.with_width(config.hidden_size)
     grafted = copy.deepcopy(baseline)
     spec.apply(grafted)
@@ -219,8 +222,8 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
                                      "forward")
         sampling_s = time_alternating({n: sampling(m) for n, m in models.items()}, device, 0,
                                       args.sampling_repeats, "sampling")
-    rows = [Measurement(name, forward_s[name], sampling_s[name], flops[name]["total"], flops[name])
-            for name in models]
+    rows = [Measurement(name, forward_s[name], sampling_s[name], flops[name]["total"], flops[name],
+                        backends(model), backend_summary(model)) for name, model in models.items()]
     return {
         "setup": {
             "model": kind, "preset": FULL_PRESET, "overrides": PROXY_OVERRIDES if kind == "proxy" else {},
@@ -255,7 +258,9 @@ def markdown_report(report: dict) -> str:
               markdown_table(["model", "forward ms", "speed-up", "fwd TFLOP", "TFLOP/s", "sampling s", "speed-up"],
                              timing_rows(report), align="lrrrrrr")]
     lines += ["", f"FLOP-bound speed-up (analytic forward FLOPs, baseline / grafted): "
-                  f"**{report['flop_bound_speedup']:.2f}×**"]
+                  f"**{report['flop_bound_speedup']:.2f}×**", "",
+              "Kernels that ran (`torch` is the pure-PyTorch path): "
+              + "; ".join(f"{row['name']}: {row['backend_summary']}" for row in report["rows"]) + "."]
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from common.config import from_dict
 
@@ -98,6 +98,12 @@ def ddpm_scheduler(clip_sample: bool = False, schedule: NoiseSchedule | None = N
         beta_schedule=schedule.beta_schedule, prediction_type=schedule.prediction_type,
         variance_type="learned_range", clip_sample=clip_sample,
     )
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """DDIM on the linear β schedule, the scheduler diffusers' converted DiT pipelines (facebook/DiT-XL-2-*) ship."""
+    return DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
+                         beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
 
 
 def respaced_timesteps(num_steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:

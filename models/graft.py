@@ -5,7 +5,8 @@ A graft spec is YAML. Ours (what export folders carry, written with every value 
     grafts:
       - type: mha                 # mha = self-attention (never PixArt's cross-attention); mlp = the MLP
         name: hyena_x             # an operator of models.operators
-        config: {d_model: 1152, l_max: 1000000, ...}   # or config_filepath: path/to/hyena_x.yaml
+        config_filepath: ../operators/hyena_x.yaml    # relative to the file that says it; and / or an inline
+        config: {short_filter_order: 3}               #   `config`, whose keys override the file's
         layers: {ratio: 0.5, pattern: interleaved}    # or {indexes: [1, 3, 5]}, {every: 4, offset: 3},
                                                       # {ratio: 0.25, pattern: first|last}
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from common.config import ConfigError
 from common.files import save_text
-from models.operators import build, check_config, operator_info
+from models.operators import build, check_config, load_settings, operator_info, settings_operator, with_length
 from models.weights import load_strict, read_state_dict
 
 TARGETS = {"mha": "attn", "mlp": "mlp"}  # graft type → block attribute it replaces
@@ -121,6 +122,14 @@ class GraftSpec:
         grafts = [_graft_from_dict(entry, f"{where}: grafts[{i}]", base) for i, entry in enumerate(data["grafts"])]
         return cls(grafts)
 
+    @classmethod
+    def from_settings(cls, settings: str, layers: dict[str, Any]) -> GraftSpec:
+        """One graft: the operator of settings file `settings` (`recipes/operators/`), in the blocks `layers`
+        selects, replacing what that operator replaces."""
+        name = settings_operator(settings)
+        return cls.from_dict({"grafts": [{"type": operator_info(name).replaces, "name": name,
+                                          "config": load_settings(settings), "layers": layers}]})
+
     def to_dict(self) -> dict[str, Any]:
         return {"grafts": [{"type": g.type, "name": g.name, "config": dict(g.config),
                             "layers": _layers_dict(g.layers),
@@ -150,8 +159,7 @@ class GraftSpec:
             if config.setdefault(info.width_key, width) != width:
                 raise ConfigError(f"{where}: operator {graft.name!r} has {info.width_key}={config[info.width_key]} "
                                   f"but the model's hidden size is {width}")
-            if info.length_key and info.length_key not in config:
-                config[info.length_key] = model.config.num_tokens if graft.type == "mlp" else 1_000_000
+            config = with_length(graft.name, config, model.config.num_tokens)
             bad_weights = sorted(set(graft.weights) - set(indexes))
             if bad_weights:
                 raise ConfigError(f"{where}: weights given for blocks {bad_weights} that are not grafted")
@@ -209,14 +217,7 @@ def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
     missing = [k for k in ("type", "name", "layers") if k not in entry]
     if missing:
         raise ConfigError(f"{where}: missing keys {missing}")
-    if ("config" in entry) == ("config_filepath" in entry):
-        raise ConfigError(f"{where}: give exactly one of config or config_filepath")
-    config = entry.get("config")
-    if config is None:
-        config_path = find_config_file(entry["config_filepath"], base)
-        config = yaml.safe_load(config_path.read_text()) or {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"{where}: operator config must be a mapping")
+    config = operator_config(entry, base, where)
     layers = entry["layers"]
     if not isinstance(layers, dict):
         raise ConfigError(f"{where}.layers: expected a mapping")
@@ -233,6 +234,41 @@ def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
     return graft
 
 
+def operator_config(entry: dict[str, Any], base: Path | None, where: str) -> dict[str, Any]:
+    """A graft entry's operator config: the `config_filepath` file's keys (the path relative to `base`, the folder
+    of the file that names it), overridden by an inline `config`; at least one of the two."""
+    file = entry.get("config_filepath")
+    if file is None and "config" not in entry:
+        raise ConfigError(f"{where}: give config, config_filepath, or both (config overrides the file)")
+    config = {}
+    if file is not None:
+        if not isinstance(file, str):
+            raise ConfigError(f"{where}: config_filepath must be a path, got {file!r}")
+        path = find_config_file(file, base)
+        config = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path}: an operator config must be a YAML mapping")
+    inline = entry.get("config") or {}
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{where}: operator config must be a mapping")
+    return {**config, **inline}
+
+
+def inline_config_files(graft: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
+    """A graft spec (our format) with every `config_filepath`, resolved from `base`, replaced by its keys: a spec
+    that no longer depends on where it is read from (recipes are resolved like this when loaded)."""
+    grafts = graft.get("grafts") if isinstance(graft, dict) else None
+    if not isinstance(grafts, list):
+        return graft
+    entries = []
+    for i, entry in enumerate(grafts):
+        if isinstance(entry, dict) and "config_filepath" in entry:
+            config = operator_config(entry, base, f"{where}: grafts[{i}]")
+            entry = {k: v for k, v in entry.items() if k != "config_filepath"} | {"config": config}
+        entries.append(entry)
+    return {**graft, "grafts": entries}
+
+
 def _from_paper_yaml(data: dict[str, Any], where: str) -> dict[str, Any]:
     """The paper's `operator` + `sample_config.graft_indexes` / `graft_weights` → our `grafts` list."""
     operator = data["operator"]
@@ -246,18 +282,19 @@ def _from_paper_yaml(data: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def find_config_file(name: str, base: Path | None) -> Path:
-    """An operator YAML path as written in a spec: as given, next to the spec, or under one of its parents
-    (the paper's files say `configs/sequence_mixers/x.yaml` relative to its repository root)."""
+    """An operator YAML path as written in a spec: relative to the spec's folder `base`, else under one of its
+    parents (the paper's files say `configs/sequence_mixers/x.yaml` relative to its repository root), else as
+    given (absolute, or relative to the working directory)."""
     candidate = Path(name)
-    if candidate.is_file():
-        return candidate
     if base is not None and not candidate.is_absolute():
         parts = candidate.parts
         for folder in [base, *base.parents]:
             for tail in (parts, parts[1:]):
                 if tail and (folder.joinpath(*tail)).is_file():
                     return folder.joinpath(*tail)
-    raise ConfigError(f"operator config file {name!r} not found (looked as given and under {base} and its parents)")
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"operator config file {name!r} not found (looked under {base} and its parents, and as given)")
 
 
 def _layers_dict(layers: LayerSelection) -> dict[str, Any]:

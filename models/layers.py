@@ -37,6 +37,11 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
+def linear_flops(layer: nn.Linear, tokens: int) -> int:
+    """Forward FLOPs of a linear layer on `tokens` rows: 2 · MACs (the bias is elementwise work, not counted)."""
+    return 2 * tokens * layer.in_features * layer.out_features
+
+
 class Mlp(nn.Module):
     """timm `Mlp` layout (`fc1`, `fc2`) with tanh-approximated GELU, as in DiT and PixArt."""
 
@@ -51,6 +56,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample (matmuls only)."""
+        return linear_flops(self.fc1, tokens) + linear_flops(self.fc2, tokens)
 
 
 class PatchEmbed(nn.Module):

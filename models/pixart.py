@@ -16,6 +16,7 @@ from common.config import ConfigError
 from models.layers import Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks, unpatchify
 from models.operators.attention import MultiHeadAttention
 from models.operators.attention_core import attention, masked_key_attention
+from models.operators.kernels import PURE, UsesKernel
 from models.pretrained import PretrainedModel
 from models.weights import KeyMap, KeyRule, StateDict
 
@@ -89,6 +90,11 @@ class PixArtSelfAttention(MultiHeadAttention):
         return (q.reshape(b, n, self.num_heads, self.head_dim), k.reshape(b, -1, self.num_heads, self.head_dim),
                 v.reshape(b, -1, self.num_heads, self.head_dim))
 
+    def forward_flops(self, tokens: int) -> int:
+        if self.sr_ratio > 1:
+            raise ValueError("the analytic FLOP count does not cover KV compression (no released model uses it)")
+        return super().forward_flops(tokens)
+
     def _compress(self, t: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
         if hw is None:
             raise ValueError("KV compression needs the token grid (h, w)")
@@ -97,7 +103,7 @@ class PixArtSelfAttention(MultiHeadAttention):
         return self.norm(t)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(UsesKernel, nn.Module):
     """Image tokens attend to caption tokens (`q_linear`, `kv_linear`, `proj`); padded caption tokens excluded."""
 
     def __init__(self, dim: int, num_heads: int):
@@ -111,7 +117,10 @@ class CrossAttention(nn.Module):
         b, n, c = x.shape
         q = self.q_linear(x).reshape(b, n, self.num_heads, self.head_dim)
         k, v = self.kv_linear(y).reshape(b, y.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
-        out = attention(q, k, v) if y_mask is None else masked_key_attention(q, k, v, y_mask)
+        if y_mask is None:
+            out, self.backend = attention(q, k, v), PURE
+        else:
+            out, self.backend = masked_key_attention(q, k, v, y_mask)
         return self.proj(out.reshape(b, n, c))
 
 
@@ -167,6 +176,7 @@ class PixArtSigma(PretrainedModel):
 
     config_class = PixArtConfig
     presets = PIXART_PRESETS
+    dropin_class_name = "GraftedPixArtTransformer2DModel"
     diffusers_class_names = ("PixArtTransformer2DModel", "Transformer2DModel")
 
     def __init__(self, config: PixArtConfig):

@@ -1,19 +1,31 @@
 """Training batches for the engine and how a batch becomes a model call.
 
 A batch is a dict: `latent` (B, C, h, w) clean latents, and either `text` (B, L, C) + `text_mask` (B, L) or
-`label` (B,), plus `keys` (sample ids, named in errors). Sources are resumable: `state_dict()` after k batches,
-`load_state_dict()` on a fresh source, and iteration continues with batch k + 1.
+`label` (B,), plus `keys` (sample ids, named in errors). Sources (`BatchSource`) are resumable: `state_dict()`
+after k batches, `load_state_dict()` on a fresh source, and iteration continues with batch k + 1.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from data.batching import collate
 from models.diffusion import GaussianDiffusion
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the training loop reads batches from: the shard reader (`data.reader.ShardLoader`) or
+    `SyntheticBatches`. Endless; `state_dict()` is the exact position, restored before iterating."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class SyntheticBatches:
@@ -25,13 +37,15 @@ class SyntheticBatches:
 
     def __init__(self, family: str, latent_shape: tuple[int, int, int], batch_size: int, num_samples: int,
                  seed: int, rank: int = 0, world_size: int = 1, caption_tokens: int = 16,
-                 caption_channels: int = 32, num_classes: int = 1000):
+                 caption_channels: int = 32, num_classes: int = 1000, dtype: torch.dtype | None = None,
+                 pin_memory: bool = False):
         if num_samples < batch_size * world_size:
             raise ValueError(f"{num_samples} synthetic samples are fewer than one global batch "
                              f"({batch_size} × {world_size} ranks)")
         self.family, self.latent_shape, self.batch_size = family, latent_shape, batch_size
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.caption_tokens, self.caption_channels, self.num_classes = caption_tokens, caption_channels, num_classes
+        self.dtype, self.pin_memory = dtype, pin_memory  # of the batches, as the shard reader's
         self.batches_done = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -49,7 +63,7 @@ class SyntheticBatches:
             indexes = mine[within * self.batch_size:(within + 1) * self.batch_size].tolist()
             self.batches_done += 1
             text_tokens = self.caption_tokens if self.family == "pixart" else None
-            yield collate([self.sample(i) for i in indexes], text_tokens)
+            yield collate([self.sample(i) for i in indexes], text_tokens, self.dtype, self.pin_memory)
 
     def sample(self, index: int) -> dict[str, Any]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny-2k-shaped")
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--sample-size", type=int, default=64, help="latent side (64 → 1,024 tokens)")
-    parser.add_argument("--operator", default="hyena_x")
+    parser.add_argument("--operator", default="hyena_x", help="students: a settings file in recipes/operators/")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2)
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     teacher = PixArtSigma(PixArtSigma.make_config(args.preset, depth=args.depth,
                                                             sample_size=args.sample_size)).eval().requires_grad_(False)
-    spec = GraftSpec.from_dict({"grafts": [{"type": "mha", "name": args.operator, "config": {},
-                                            "layers": {"ratio": 0.5}}]})
+    spec = GraftSpec.from_settings(args.operator, {"ratio": 0.5})
     paths = sorted(spec.targets(teacher), key=lambda p: int(p.split(".")[1]))
     c = teacher.config
     source = SyntheticBatches("pixart", (c.in_channels, c.sample_size, c.sample_size), args.batch_size,

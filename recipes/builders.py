@@ -1,17 +1,20 @@
 """Build what a stage needs from its recipe: the teacher model and the batch sources."""
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from common.config import ConfigError
+from common.runtime import Rank, parse_dtype
+from data.reader import ReaderConfig, ShardLoader
 from models.diffusion import GaussianDiffusion, NoiseSchedule
 from models.dit import DiT
 from models.pixart import PixArtSigma
 from models.pretrained import PretrainedModel
-from recipes.batches import SyntheticBatches
-from recipes.config import Recipe
+from recipes.batches import BatchSource, SyntheticBatches
+from recipes.config import Recipe, ShardPatterns
 
 FAMILIES: dict[str, type[PretrainedModel]] = {"pixart": PixArtSigma, "dit": DiT}
 
@@ -34,29 +37,43 @@ def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
     schedule = NoiseSchedule.from_pipeline(pretrained) if pretrained and pretrained.is_dir() else NoiseSchedule()
     keys = ("prediction_type", "beta_schedule", "beta_start", "beta_end")
     overrides = {k: getattr(section, k) for k in keys if getattr(section, k) is not None}
-    schedule = dataclasses.replace(schedule, **overrides)
+    schedule = replace(schedule, **overrides)
     return GaussianDiffusion(schedule, section.min_snr_gamma)
 
 
 def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: int, split: str = "train",
-                 shards: str | None = None):
-    """A resumable batch source for `split` (train / val), sharded over `world_size` ranks; `shards` overrides
-    data.train for a stage."""
-    data = recipe.data
+                 shards: ShardPatterns = None) -> BatchSource:
+    """A resumable batch source for `split` (train / val), sharded over `world_size` ranks and batched as
+    `data.reader` says; `shards` overrides data.train for a stage. Validation batches are neither shuffled nor
+    flipped."""
+    data, val = recipe.data, split == "val"
+    reader = data.reader
+    check_reader_fits(reader, model)
     if data.source == "synthetic":
         config = model.config
-        side = data.latent_size or (config.sample_size if recipe.model.family == "pixart" else config.input_size)
-        val = split == "val"
+        side = config.sample_size if recipe.model.family == "pixart" else config.input_size
+        height, width = reader.latent_size or (side, side)
         return SyntheticBatches(
-            recipe.model.family, (config.in_channels, side, side), data.batch_size,
+            recipe.model.family, (config.in_channels, height, width), reader.batch_size,
             data.synthetic_val_samples if val else data.synthetic_samples,
             seed=recipe.seed + (7_777_777 if val else 0), rank=rank, world_size=world_size,
-            caption_tokens=data.caption_tokens, caption_channels=getattr(config, "caption_channels", 0),
-            num_classes=getattr(config, "num_classes", 0))
-    from data.reader import training_batches  # the shard reader (data/)
+            caption_tokens=reader.caption_tokens, caption_channels=getattr(config, "caption_channels", 0),
+            num_classes=getattr(config, "num_classes", 0), dtype=parse_dtype(reader.dtype) if reader.dtype else None,
+            pin_memory=reader.pin_memory)
+    patterns = (data.val or shards or data.train) if val else (shards or data.train)
+    config = replace(reader, shards=[patterns] if isinstance(patterns, str) else list(patterns),
+                     seed=recipe.seed + int(val), shuffle_buffer=0 if val else reader.shuffle_buffer,
+                     flip=reader.flip and not val)
+    return ShardLoader(config, Rank(rank, world_size))
 
-    pattern = (shards or data.train) if split == "train" else (data.val or shards or data.train)
-    return training_batches(pattern, batch_size=data.batch_size, rank=rank, world_size=world_size,
-                            seed=recipe.seed + (0 if split == "train" else 1), num_workers=data.num_workers,
-                            shuffle_buffer=data.shuffle_buffer if split == "train" else 0,
-                            caption_tokens=data.caption_tokens, latent_channels=model.config.in_channels)
+
+def check_reader_fits(reader: ReaderConfig, model: PretrainedModel) -> None:
+    """Reader settings that contradict the model are a config error, not a run of skipped samples."""
+    config = model.config
+    if reader.latent_channels != config.in_channels:
+        raise ConfigError(f"data.reader.latent_channels is {reader.latent_channels}, but the model takes "
+                          f"{config.in_channels} latent channels")
+    caption_channels = getattr(config, "caption_channels", None)
+    if reader.text_dim is not None and caption_channels is not None and reader.text_dim != caption_channels:
+        raise ConfigError(f"data.reader.text_dim is {reader.text_dim}, but the model takes {caption_channels}-wide "
+                          "text features")

@@ -17,6 +17,7 @@ import torch
 
 from models.weights import save_torch
 from recipes.distributed import barrier
+from recipes.engine import Engine
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
@@ -44,7 +45,7 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, engine, step: int, extra: dict[str, Any]) -> Path:
+    def save(self, engine: Engine, step: int, extra: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own `extra` state."""
         tag = f"step{step:08d}"
         engine.save_checkpoint(str(self.staging), tag=tag, save_latest=False)
@@ -64,7 +65,7 @@ class CheckpointManager:
         barrier()
         return final
 
-    def load(self, engine, path: Path) -> dict[str, Any]:
+    def load(self, engine: Engine, path: Path) -> dict[str, Any]:
         """Restore the engine from `path` and return this rank's extra state."""
         if not (path / COMPLETE).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 
 from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
+from data.reader import ReaderConfig
+from models.graft import GraftSpec, inline_config_files
 
 
 @dataclass
@@ -23,22 +25,27 @@ class ModelSection:
     init_seed: int = 0  # random teacher (no `pretrained`)
 
 
+#: shard patterns: folders (their *.tar), globs, brace lists ("a-{000..009}.tar") or tar paths, one or a list
+ShardPatterns = str | list[str] | None
+#: the reader settings a recipe fills in itself, and where they come from
+RECIPE_READER_FIELDS = {"shards": "data.train, data.val and stage1/stage2.shards", "seed": "the recipe's `seed`",
+                        "epochs": "stage1/stage2.steps (training reads endless epochs)"}
+FAMILY_KIND = {"pixart": "text", "dit": "class"}  # the reader's `kind` of each model family's data
+
+
 @dataclass
 class DataSection:
-    """Where batches come from: webdataset shards, or a deterministic synthetic stream (tests, benchmarks)."""
+    """Where batches come from: webdataset shards, or a deterministic synthetic stream (tests, benchmarks). Both
+    batch as `reader` says: the shard reader's own config (data/reader.py), every option of it."""
 
     source: Literal["shards", "synthetic"] = "shards"
-    train: str | None = None  # shard pattern: folder, glob or brace list
-    val: str | None = None
-    batch_size: int = 8  # per rank, per micro-step
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    caption_tokens: int = 300  # text features are padded / cut to this length
+    train: ShardPatterns = None
+    val: ShardPatterns = None  # held-out shards for stage 1's relative errors (default: the training shards)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     caption_dropout: float = 0.0  # stage 2: replace captions by the null caption with this probability
     null_caption: str | None = None  # safetensors with `embedding` (L, C) and `mask` (L,): T5("")
     synthetic_samples: int = 512  # synthetic: samples per epoch (train); val uses a disjoint seed range
     synthetic_val_samples: int = 64
-    latent_size: int | None = None  # synthetic: latent side (default: the model's trained size)
 
 
 @dataclass
@@ -70,7 +77,7 @@ class Stage1Section:
     """Activation distillation: every student regresses its teacher operator from the teacher's own inputs."""
 
     steps: int = 1000
-    shards: str | None = None  # this stage's training shards (default: data.train)
+    shards: ShardPatterns = None  # this stage's training shards (default: data.train)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
     loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2"})  # l1 / l2 / huber
     huber_delta: float = 1.0
@@ -116,7 +123,7 @@ class Stage2Section:
     pretrained weights, this trains a model from scratch (the shapes teacher)."""
 
     steps: int = 1000
-    shards: str | None = None  # this stage's training shards (default: data.train)
+    shards: ShardPatterns = None  # this stage's training shards (default: data.train)
     optim: OptimSection = field(default_factory=OptimSection)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSection = field(default_factory=LoraSection)
@@ -162,6 +169,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         for key, value in parse_assignments([item], "--set", "stage2.optim.lr=5e-5").items():
             _set_dotted(data, key, value, where=f"--set {item!r}")
+    if "graft" in data:  # operator files given with --set are named relative to the working directory
+        data["graft"] = inline_config_files(data["graft"], Path.cwd(), "--set graft")
     recipe = from_dict(Recipe, data, where=str(path))
     validate(recipe, str(path))
     return recipe
@@ -169,8 +178,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def validate(recipe: Recipe, where: str) -> None:
     """Cross-field checks a type system cannot express."""
-    from models.graft import GraftSpec
-
     if recipe.graft is not None:
         GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
     evaluation = recipe.stage2.eval
@@ -187,6 +194,16 @@ def validate(recipe: Recipe, where: str) -> None:
         if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
             raise ConfigError(f"{where}: {stage}.shards or data.train (a shard pattern) is required for "
                               "data.source=shards")
+    reader, defaults = recipe.data.reader, ReaderConfig()
+    for name, source in RECIPE_READER_FIELDS.items():
+        if getattr(reader, name) != getattr(defaults, name):
+            raise ConfigError(f"{where}: data.reader.{name} is set by the recipe, from {source}; remove it")
+    if reader.kind not in ("auto", FAMILY_KIND[recipe.model.family]):
+        raise ConfigError(f"{where}: data.reader.kind {reader.kind!r} does not match a {recipe.model.family} "
+                          f"model (its data kind is {FAMILY_KIND[recipe.model.family]!r})")
+    if recipe.data.source == "synthetic" and reader.flip:
+        raise ConfigError(f"{where}: data.reader.flip needs shards with flipped latents; the synthetic stream has "
+                          "none")
     if recipe.data.caption_dropout > 0 and recipe.model.family == "pixart" and not recipe.data.null_caption:
         raise ConfigError(f"{where}: data.caption_dropout needs data.null_caption (T5 features of the empty "
                           "prompt; `python -m recipes.null_caption` writes them)")
@@ -205,6 +222,8 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    if "graft" in data:  # operator config files are named relative to the recipe that names them
+        data["graft"] = inline_config_files(data["graft"], path.parent, f"{path}: graft")
     base = data.pop("base", None)
     if base is None:
         return data

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
         "--steps", str(args.gen_steps), "--cfg", str(args.cfg), "--batch-size", "32",
         "--shard-size", str(max(1, args.pairs // 16)), "--seed", "1000"]), write_marker=True)
     run.step("null caption", null, [py, "-m", "recipes.null_caption", "--pipeline", str(teacher), "--out", str(null),
-                                    "--max-length", str(recipe.data.caption_tokens)], call=null_caption.main)
+                                    "--max-length", str(recipe.data.reader.caption_tokens)], call=null_caption.main)
     train = ["-m", "recipes.train", str(args.recipe), *[a for o in overrides for a in ("--set", o)]]
     if args.students:
         train += ["--students", args.students]

@@ -10,28 +10,25 @@ import torch
 import torch.distributed as dist
 
 from common.config import deep_merge
-from common.runtime import compute_dtype, pick_device
+from common.runtime import Rank, compute_dtype, pick_device
 from recipes.config import Recipe
 
 
-def prepare_environment() -> None:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* from Slurm or single-process defaults; pick DeepSpeed's
-    CPU accelerator when there is no GPU. Must run before `import deepspeed`."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
+def prepare_environment() -> Rank:
+    """This process's rank (`Rank.from_env`: torchrun, the deepspeed launcher, Slurm's srun, or a single process),
+    written to RANK / WORLD_SIZE / LOCAL_RANK with MASTER_* defaults for torch.distributed; DeepSpeed's CPU
+    accelerator when there is no GPU. Must run before `import deepspeed`."""
+    rank = Rank.from_env()
+    os.environ.update(RANK=str(rank.rank), WORLD_SIZE=str(rank.world_size), LOCAL_RANK=str(rank.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
+        if rank.world_size != 1:
             raise RuntimeError("MASTER_PORT is not set for a multi-process run; launch with torchrun, deepspeed, "
                                "or set MASTER_ADDR/MASTER_PORT (the slurm/ scripts do)")
         os.environ["MASTER_PORT"] = str(free_port())
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return rank
 
 
 def free_port() -> int:
@@ -49,7 +46,7 @@ def init_process_group() -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(pick_device())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -57,9 +54,9 @@ def deepspeed_config(recipe: Recipe, optim, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for one stage, derived from the recipe, then `deepspeed.overrides` merged in."""
     ds = recipe.deepspeed
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "train_micro_batch_size_per_gpu": recipe.data.reader.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation,
-        "train_batch_size": recipe.data.batch_size * ds.gradient_accumulation * world_size,
+        "train_batch_size": recipe.data.reader.batch_size * ds.gradient_accumulation * world_size,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
                               "reduce_scatter": True},

@@ -1,14 +1,13 @@
 """Training engines: DeepSpeed (ZeRO 0-3, data parallel) and a local one for students that live on one rank.
 
-Both expose the DeepSpeed engine methods the stages use: call, `backward`, `step` (every micro-batch; the
-optimizer steps at accumulation boundaries), `get_lr`, `save_checkpoint`, `load_checkpoint`, `module`.
+Both satisfy `Engine`, the part of DeepSpeed's engine the stages use.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -16,6 +15,26 @@ from torch import nn
 from models.weights import save_torch
 from recipes.config import OptimSection, Recipe
 from recipes.distributed import deepspeed_config
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A module with its optimizer: called like the module, `step()` after every micro-batch's `backward` (the
+    optimizer steps at accumulation boundaries), checkpoints in DeepSpeed's folder-and-tag layout."""
+
+    module: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> Any: ...
+
+    def get_lr(self) -> list[float]: ...
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = ...) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, tag: str, **kwargs: Any) -> Any: ...
 
 
 def lr_factor(optim: OptimSection, total_steps: int):
@@ -33,7 +52,8 @@ def lr_factor(optim: OptimSection, total_steps: int):
     return factor
 
 
-def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, total_steps: int, world_size: int):
+def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, total_steps: int, world_size: int
+                     ) -> Engine:
     """`deepspeed.initialize` with the recipe-derived config; only parameters that require grad are trained."""
     import deepspeed
 

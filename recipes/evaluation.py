@@ -26,7 +26,7 @@ from models.diffusion import NoiseSchedule
 from models.pretrained import PretrainedModel
 from models.sampling import TextToImage
 from models.text_encoder import T5TextEncoder
-from recipes.config import Recipe
+from recipes.config import EvalSection, Recipe
 from recipes.distributed import barrier, broadcast_tensors
 from recipes.reporting import read_metrics
 
@@ -108,21 +108,27 @@ class PeriodicGenEval:
         return report(detections, options, run, folder)
 
     def write_curve(self, metrics: Path) -> Path:
-        """GenEval vs step of every set: `geneval_curve.md` (a table per set) and `geneval_curve.png`."""
-        rows = [r for r in read_metrics(metrics) if any(k.startswith("eval/") for k in r)]
-        lines = ["# GenEval during training", "",
-                 f"World {self.world.name}; {self.cfg.samples_per_prompt} images per prompt, seeds "
-                 f"{self.cfg.seed}…, {self.cfg.steps} steps, CFG {self.cfg.cfg}. Checkpoints are chosen on "
-                 f"`{self.cfg.select}`; best: step {self.best['step']} ({self.best['score']:.4f}).", ""]
-        for name, spec in self.cfg.sets.items():
-            tags = [t for t in TAGS if any(f"eval/{name}/{t}" in r for r in rows)]
-            table = [[r["step"], f"{r[f'eval/{name}/overall']:.3f}", f"{r[f'eval/{name}/baseline']:.3f}",
-                      *[f"{r.get(f'eval/{name}/{t}', float('nan')):.2f}" for t in tags]]
-                     for r in rows if f"eval/{name}/overall" in r]
-            lines += [f"## `{name}` ({spec})", "", markdown_table(["step", "overall", "baseline", *tags], table), ""]
-        save_text("\n".join(lines), self.root / "geneval_curve.md")
-        plot_geneval_curve(rows, list(self.cfg.sets), self.root / "geneval_curve.png")
-        return self.root / "geneval_curve.md"
+        """GenEval vs step of every set, from the run's metrics (rank 0)."""
+        return write_curve(self.root, self.cfg, self.best, metrics)
+
+
+def write_curve(stage2: Path, cfg: EvalSection, best: dict, metrics: Path) -> Path:
+    """GenEval vs step of every set in `metrics` (a stage-2 metrics.jsonl): `stage2/geneval_curve.md` (a table per
+    set) and `stage2/geneval_curve.png`; `best` is the selected checkpoint's {"score", "step"}."""
+    rows = [r for r in read_metrics(metrics) if any(k.startswith("eval/") for k in r)]
+    lines = ["# GenEval during training", "",
+             f"World {cfg.world}; {cfg.samples_per_prompt} images per prompt, seeds {cfg.seed}…, {cfg.steps} steps, "
+             f"CFG {cfg.cfg}. Checkpoints are chosen on `{cfg.select}`; best: step {best['step']} "
+             f"({best['score']:.4f}).", ""]
+    for name, spec in cfg.sets.items():
+        tags = [t for t in TAGS if any(f"eval/{name}/{t}" in r for r in rows)]
+        table = [[r["step"], f"{r[f'eval/{name}/overall']:.3f}", f"{r[f'eval/{name}/baseline']:.3f}",
+                  *[f"{r.get(f'eval/{name}/{t}', float('nan')):.2f}" for t in tags]]
+                 for r in rows if f"eval/{name}/overall" in r]
+        lines += [f"## `{name}` ({spec})", "", markdown_table(["step", "overall", "baseline", *tags], table), ""]
+    save_text("\n".join(lines), stage2 / "geneval_curve.md")
+    plot_geneval_curve(rows, list(cfg.sets), stage2 / "geneval_curve.png")
+    return stage2 / "geneval_curve.md"
 
 
 def plot_geneval_curve(rows: list[dict], sets: list[str], png: Path) -> None:

@@ -7,13 +7,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from recipes.batches import BatchSource
 from recipes.checkpoints import CheckpointManager
 from recipes.distributed import all_ranks_true
+from recipes.engine import Engine
 from recipes.reporting import RunLog
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,13 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Stage:
     """What a stage plugs into the loop."""
 
     name: str
-    engine: Any
-    source: Any  # resumable batch source
+    engine: Engine
+    source: BatchSource
     total_steps: int
     log_every: int
     checkpoint_every: int
@@ -45,13 +46,13 @@ class Stage:
     load_state: Callable[[dict], None] = lambda state: None
 
 
-def run(stage: Stage, ckpt: CheckpointManager, runlog: RunLog, seed: int, accumulation: int, rank: int,
+def run(*, stage: Stage, checkpoints: CheckpointManager, runlog: RunLog, seed: int, accumulation: int, rank: int,
         resume: str | None) -> int:
     """Train `stage` to `total_steps` optimizer steps; returns the step reached."""
     start = 0
-    path = ckpt.resolve(resume)
+    path = checkpoints.resolve(resume)
     if path is not None:
-        extra = ckpt.load(stage.engine, path)
+        extra = checkpoints.load(stage.engine, path)
         start = int(extra["step"])
         stage.source.load_state_dict(extra["source"])
         stage.load_state(extra["stage"])
@@ -71,7 +72,7 @@ def run(stage: Stage, ckpt: CheckpointManager, runlog: RunLog, seed: int, accumu
                 where = f"samples {batch['keys']}" if not torch.isfinite(loss.detach()).all() else \
                     "a batch on another rank"
                 raise NonFiniteLossError(f"{stage.name}: non-finite loss at step {step} (micro-batch {micro}) "
-                                         f"from {where}; last good checkpoint: {ckpt.latest()}")
+                                         f"from {where}; last good checkpoint: {checkpoints.latest()}")
             stage.engine.backward(loss)
             stage.engine.step()
             for name, value in metrics.items():
@@ -90,7 +91,8 @@ def run(stage: Stage, ckpt: CheckpointManager, runlog: RunLog, seed: int, accumu
             runlog.log(done, logged)
         bar.update(1)
         if done % stage.checkpoint_every == 0 or done == stage.total_steps:
-            ckpt.save(stage.engine, done, {"step": done, "source": stage.source.state_dict(), "stage": stage.state()})
+            checkpoints.save(stage.engine, done, {"step": done, "source": stage.source.state_dict(),
+                                                  "stage": stage.state()})
     bar.close()
     elapsed = time.perf_counter() - started
     log.info("%s: %d steps in %.1f s (%.2f steps/s)", stage.name, stage.total_steps - start, elapsed,

@@ -13,7 +13,8 @@ Steps, each skipped when its output exists (so a killed run resumes):
 3. ground-truth renders of training scenes → OUT/shards;
 4. training: `torchrun --nproc_per_node N -m recipes.train recipes/shapes_teacher.yaml` (stage 2 from random
    weights, GenEval every few hundred steps, best checkpoint on the validation prompts) → OUT/train;
-5. the teacher folder DEST: the components, the best transformer, its learning curve and a README with hashes.
+5. the teacher folder DEST: the components, the best transformer, its learning curve and a README with hashes
+   (`--assemble-only` does only this, from a run stopped early).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.files import file_sha256, save_json, save_text
+from common.files import file_sha256, read_json_object, save_json, save_text
 from common.runtime import setup_logging
 from data.shapes import MAX_TOKENS, split_prompts, vocabulary
 from data.shapes_data import write_scene_shards
@@ -34,9 +35,11 @@ from models.context_t5 import OFFSETS, pretrain_context
 from models.diffusion import NoiseSchedule
 from models.teachers import SHAPES_TEACHER
 from models.tiny import build_t5, build_tokenizer
-from recipes.config import load_recipe
+from recipes.config import Recipe, dump_recipe, load_recipe
 from recipes.distributed import free_port
+from recipes.evaluation import write_curve
 from recipes.null_caption import main as write_null_caption
+from recipes.reporting import read_metrics
 
 log = logging.getLogger("shapes_teacher")
 RECIPE = Path(__file__).resolve().parent / "shapes_teacher.yaml"
@@ -53,6 +56,7 @@ def write_components(folder: Path, text_dim: int = TEXT_DIM, text_steps: int = T
     build smaller, unpretrained ones)."""
     tokenizer = build_tokenizer(vocabulary())
     tokenizer.model_max_length = MAX_TOKENS
+    tokenizer.save_pretrained(folder / "tokenizer")  # before use: encoding leaves padding state in tokenizer.json
     t5 = build_t5(len(tokenizer), d_model=text_dim, seed=TEXT_SEED)
     texts = [record["prompt"] for record in split_prompts("train")]
     if text_steps:
@@ -61,7 +65,6 @@ def write_components(folder: Path, text_dim: int = TEXT_DIM, text_steps: int = T
                    "texts": "the shapes world's training prompts", "num_texts": len(texts), "steps": text_steps,
                    "first_loss": losses[0], "final_loss": losses[-1]}, folder / "text_encoder" / "pretraining.json")
     t5.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
     PixelCodec(factor=2).save_pretrained(folder / "vae")
     SCHEDULE.save(folder)
     return folder
@@ -77,11 +80,16 @@ def train(recipe: Path, overrides: list[str], nproc: int) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
-def assemble(pipeline: Path, train_dir: Path, dest: Path, command: str) -> Path:
-    """DEST = components + the best transformer + the learning curve + a README that records every hash."""
-    best = train_dir / "stage2" / "best"
+def assemble(pipeline: Path, recipe: Recipe, dest: Path, command: str) -> Path:
+    """DEST = components + the best transformer of the run in `recipe.out` (complete or stopped early) + its
+    learning curve (from the evaluations it logged) + the recipe + a README that records every hash."""
+    stage2 = recipe.out / "stage2"
+    best = stage2 / "best"
     if not (best / "model.safetensors").is_file():
         raise FileNotFoundError(f"{best}: no best checkpoint; did training run its evaluations?")
+    chosen = read_json_object(best / "geneval.json")
+    write_curve(stage2, recipe.stage2.eval, {"score": chosen["scores"][chosen["selected_on"]],
+                                            "step": chosen["step"]}, stage2 / "metrics.jsonl")
     staging = dest.with_name(f".{dest.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(pipeline, staging)
@@ -89,9 +97,14 @@ def assemble(pipeline: Path, train_dir: Path, dest: Path, command: str) -> Path:
     for name in ("config.json", "model.safetensors", "geneval.json"):
         shutil.copy2(best / name, staging / "transformer" / name)
     for name in ("geneval_curve.md", "geneval_curve.png"):
-        shutil.copy2(train_dir / "stage2" / name, staging / name)
-    shutil.copy2(train_dir / "recipe.yaml", staging / "recipe.yaml")
-    save_text(readme(staging, command), staging / "README.md")
+        shutil.copy2(stage2 / name, staging / name)
+    save_text(dump_recipe(recipe), staging / "recipe.yaml")
+    selected = f"eval/{chosen['selected_on']}/overall"
+    evaluated = [r["step"] for r in read_metrics(stage2 / "metrics.jsonl") if selected in r]
+    stopped = (f"The run stopped after its evaluation at step {max(evaluated)} of {recipe.stage2.steps}; this is its "
+               "best checkpoint up to there (`--assemble-only` assembles a stopped run).\n"
+               if evaluated and max(evaluated) < recipe.stage2.steps else "")
+    save_text(readme(staging, command, stopped), staging / "README.md")
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
@@ -104,7 +117,7 @@ def component_hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_sha256(p) for p in files}
 
 
-def readme(folder: Path, command: str) -> str:
+def readme(folder: Path, command: str, stopped: str = "") -> str:
     hashes = component_hashes(folder)
     curve = (folder / "geneval_curve.md").read_text(encoding="utf-8").split("\n", 2)[2]
     rows = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in hashes.items())
@@ -122,7 +135,7 @@ shapes world (`data/shapes.py`, docs/shapes.md). Load it like any pipeline folde
 - `scheduler/`: DPM-Solver++ on the cosine schedule with v-prediction, clipping x0 to [−1, 1].
 
 Reproduce it: `{command}` (recipe: `recipe.yaml`).
-
+{stopped}
 ## Learning curve
 
 ![GenEval vs step](geneval_curve.png)
@@ -145,22 +158,26 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--nproc", type=int, default=2, help="training processes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe overrides, e.g. --set stage2.steps=100")
+    parser.add_argument("--assemble-only", action="store_true",
+                        help="skip steps 1-4: assemble DEST from the run already in OUT (e.g. one stopped early: its "
+                             "best checkpoint so far and the evaluations it logged)")
     args = parser.parse_args(argv)
     setup_logging()
     out = args.out
     pipeline, shards, null = out / "pipeline", out / "shards", out / "null_caption.safetensors"
-    if not (pipeline / "scheduler").is_dir():
-        write_components(pipeline)
-    if not null.is_file():
-        write_null_caption(["--pipeline", str(pipeline), "--out", str(null), "--max-length", str(MAX_TOKENS)])
-    write_scene_shards(pipeline, shards, args.scenes)
     overrides = [f"output_dir={out / 'train'}", f"data.train={shards}", f"data.null_caption={null}",
                  f"stage2.eval.pipeline={pipeline}", *args.overrides]
-    load_recipe(args.recipe, overrides)  # fail before training on a bad override
-    train(args.recipe, overrides, args.nproc)
-    command = " ".join(["python -m recipes.shapes_teacher", *sys.argv[1:]] if argv is None
-                       else ["python -m recipes.shapes_teacher", *argv])
-    dest = assemble(pipeline, out / "train", args.dest, command)
+    recipe = load_recipe(args.recipe, overrides)  # fail before training on a bad override
+    if not args.assemble_only:
+        if not (pipeline / "scheduler").is_dir():
+            write_components(pipeline)
+        if not null.is_file():
+            write_null_caption(["--pipeline", str(pipeline), "--out", str(null), "--max-length", str(MAX_TOKENS)])
+        write_scene_shards(pipeline, shards, args.scenes)
+        train(args.recipe, overrides, args.nproc)
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m recipes.shapes_teacher", *[a for a in given if a != "--assemble-only"]])
+    dest = assemble(pipeline, recipe, args.dest, command)
     log.info("teacher → %s", dest)
     print(dest)
     return dest

@@ -19,14 +19,15 @@ from common.runtime import compute_dtype, pick_device
 from common.tables import markdown_table
 from models.diffusion import GaussianDiffusion
 from models.graft import Graft, GraftSpec
+from models.operators.kernels import log_backends_once
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
-from recipes.batches import call_model, noise_batch, to_device
+from recipes.batches import BatchSource, call_model, noise_batch, to_device
 from recipes.builders import build_diffusion, build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
 from recipes.distributed import barrier
-from recipes.engine import LocalEngine, deepspeed_engine, full_state_dict
+from recipes.engine import Engine, LocalEngine, deepspeed_engine, full_state_dict
 from recipes.reporting import RunLog, read_metrics
 
 log = logging.getLogger(__name__)
@@ -109,109 +110,153 @@ def best_dir(recipe: Recipe) -> Path:
     return recipe.out / "stage1" / "best"
 
 
-def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -> Path:
-    """Distil every targeted layer; returns the folder of the best student per layer (`<path>.safetensors`)."""
-    out = recipe.out / "stage1"
-    cfg = recipe.stage1
-    dev, dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
-    teacher = build_teacher(recipe).to(dev, dtype).requires_grad_(False)
-    spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
-    grafts = spec.targets(teacher)
-    split = cfg.mode == "split"
-    mine = sorted(grafts)[rank::world_size] if split else sorted(grafts)
-    if not mine:
-        raise ValueError(f"stage 1 split mode: rank {rank} has no student ({len(grafts)} students, "
-                         f"{world_size} ranks); use fewer ranks or data_parallel mode")
-    torch.manual_seed(recipe.seed)  # the same student initialisation on every rank
-    students = {p: op.float() for p, op in spec.build_operators(teacher).items() if p in mine}
-    bank = StudentBank(students, grafts).to(dev)
-    if split:
-        engine = LocalEngine(bank, cfg.optim, cfg.steps, recipe.deepspeed.gradient_accumulation, rank,
-                             dtype == torch.bfloat16)
-    else:
-        engine = deepspeed_engine(bank, recipe, cfg.optim, cfg.steps, world_size)
-    tap = ActivationTap(teacher, mine)
-    diffusion = build_diffusion(recipe)
-    shard_rank, shard_world = (0, 1) if split else (rank, world_size)
-    source = build_source(recipe, teacher, shard_rank, shard_world, "train", cfg.shards)
-    losses = {p: cfg.loss[grafts[p].type] for p in mine}
-    best = {p: {"rel_err": float("inf"), "step": 0} for p in mine}
-    writes_best = split or rank == 0
+class BestStudents:
+    """Each student's lowest held-out relative error so far and the step it came at; the improved students'
+    weights and records (`<path>.safetensors`, `<path>.json`) in `folder`. Part of the stage's resumable state."""
 
-    def micro_step(batch: dict, generator: torch.Generator):
-        records = teacher_records(teacher, tap, diffusion, batch, generator, dev, dtype)
-        per_layer, _ = student_losses(engine, records, losses, cfg.huber_delta)
+    def __init__(self, folder: Path, grafts: dict[str, Graft], losses: dict[str, str], writes: bool):
+        self.folder, self.grafts, self.losses, self.writes = folder, grafts, losses, writes
+        self.best = {p: {"rel_err": float("inf"), "step": 0} for p in losses}
+
+    def update(self, step: int, rel_err: dict[str, float]) -> list[str]:
+        """Record the students that beat their best at `step`; returns their paths."""
+        improved = [p for p in self.best if rel_err[p] < self.best[p]["rel_err"]]
+        for p in improved:
+            self.best[p] = {"rel_err": rel_err[p], "step": step}
+        return improved
+
+    def save(self, bank: StudentBank, paths: list[str]) -> None:
+        """Write the students at `paths` (if this rank writes); collective under ZeRO-3, so every rank calls it."""
+        if not paths:
+            return
+        state = full_state_dict(bank)
+        if not self.writes:
+            return
+        for p in paths:
+            save_safetensors(bank.student_state(state, p), self.folder / f"{p}.safetensors")
+            save_json({"path": p, "operator": self.grafts[p].name, "type": self.grafts[p].type,
+                       "loss": self.losses[p], **self.best[p]}, self.folder / f"{p}.json")
+
+    def state(self) -> dict:
+        return {"best": {p: [b["rel_err"], b["step"]] for p, b in self.best.items()}}
+
+    def load_state(self, saved: dict) -> None:
+        for p, (rel_err, step) in saved["best"].items():
+            self.best[p] = {"rel_err": float(rel_err), "step": int(step)}
+
+    def table(self, metrics: list[Path]) -> str:
+        """Markdown: one row per distilled layer of every rank (their records in `folder`) with its final train
+        loss and best held-out relative error (`metrics`: the metrics files of every rank that trained students)."""
+        last: dict = {}
+        for file in metrics:
+            rows_by_step = read_metrics(file)
+            last.update(rows_by_step[-1] if rows_by_step else {})
+        rows = []
+        for info_file in sorted(self.folder.glob("*.json"), key=lambda f: int(f.stem.split(".")[1])):
+            info = json.loads(info_file.read_text())
+            rows.append([info["path"], info["operator"], info["loss"],
+                         last.get(f"train/{info['path']}", float("nan")), info["rel_err"], info["step"]])
+        return markdown_table(["layer", "operator", "loss", "final train loss", "best val ‖g−f‖/‖f‖", "at step"],
+                              rows)
+
+
+class Distiller:
+    """Stage 1 on one rank: the frozen teacher with taps on the targeted operators, this rank's students in their
+    engine, and the best student of each layer so far.
+
+    `data_parallel` mode: every rank trains every student on its share of the batches (DeepSpeed). `split` mode:
+    each rank trains its own students on all the batches, without communication (`LocalEngine`).
+    """
+
+    def __init__(self, recipe: Recipe, rank: int, world_size: int):
+        self.recipe, self.cfg = recipe, recipe.stage1
+        self.dev, self.dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
+        self.teacher = build_teacher(recipe).to(self.dev, self.dtype).requires_grad_(False)
+        spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
+        grafts = spec.targets(self.teacher)
+        self.split = self.cfg.mode == "split"
+        self.paths = sorted(grafts)[rank::world_size] if self.split else sorted(grafts)
+        if not self.paths:
+            raise ValueError(f"stage 1 split mode: rank {rank} has no student ({len(grafts)} students, "
+                             f"{world_size} ranks); use fewer ranks or data_parallel mode")
+        torch.manual_seed(recipe.seed)  # the same student initialisation on every rank
+        students = {p: op.float() for p, op in spec.build_operators(self.teacher).items() if p in self.paths}
+        self.bank = StudentBank(students, grafts).to(self.dev)
+        log_backends_once(self.teacher, "stage 1 teacher")
+        log_backends_once(self.bank, "stage 1 students")
+        self.engine: Engine = (
+            LocalEngine(self.bank, self.cfg.optim, self.cfg.steps, recipe.deepspeed.gradient_accumulation, rank,
+                        self.dtype == torch.bfloat16) if self.split
+            else deepspeed_engine(self.bank, recipe, self.cfg.optim, self.cfg.steps, world_size))
+        self.tap = ActivationTap(self.teacher, self.paths)
+        self.diffusion = build_diffusion(recipe)
+        self.data_rank, self.data_world = (0, 1) if self.split else (rank, world_size)
+        self.losses = {p: self.cfg.loss[grafts[p].type] for p in self.paths}
+        self.writes = self.split or rank == 0  # writes the best students and the logs of its students
+        self.best = BestStudents(best_dir(recipe), grafts, self.losses, self.writes)
+
+    def batches(self, split: str) -> BatchSource:
+        return build_source(self.recipe, self.teacher, self.data_rank, self.data_world, split, self.cfg.shards)
+
+    def micro_step(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """One teacher forward; every student's loss on it, summed (the students share no parameters)."""
+        records = teacher_records(self.teacher, self.tap, self.diffusion, batch, generator, self.dev, self.dtype)
+        per_layer, _ = student_losses(self.engine, records, self.losses, self.cfg.huber_delta)
         total = torch.stack(list(per_layer.values())).sum()
         metrics = {f"train/{p}": v.item() for p, v in per_layer.items()}
-        metrics["train/loss"] = total.item() / len(mine)
+        metrics["train/loss"] = total.item() / len(self.paths)
         return total, metrics
 
-    def evaluate(step: int) -> dict[str, float]:
-        if step % cfg.eval_every and step != cfg.steps:
+    def after_step(self, step: int) -> dict[str, float]:
+        """Every `eval_every` steps and at the end: the held-out relative errors; improved students are saved."""
+        if step % self.cfg.eval_every and step != self.cfg.steps:
             return {}
-        val = iter(build_source(recipe, teacher, shard_rank, shard_world, "val", cfg.shards))
-        sq_err = {p: torch.zeros((), dtype=torch.float64, device=dev) for p in mine}
-        sq_ref = {p: torch.zeros((), dtype=torch.float64, device=dev) for p in mine}
-        bank.eval()
+        rel_err = self.relative_errors()
+        self.best.save(self.bank, self.best.update(step, rel_err))
+        return {f"val/rel_err/{p}": v for p, v in rel_err.items()}
+
+    def relative_errors(self) -> dict[str, float]:
+        """‖g(x) − f(x)‖ / ‖f(x)‖ of every student over `eval_batches` held-out batches, the same batches and noise
+        at every evaluation, summed over the ranks that share the students."""
+        val = iter(self.batches("val"))
+        sq_err = {p: torch.zeros((), dtype=torch.float64, device=self.dev) for p in self.paths}
+        sq_ref = {p: torch.zeros((), dtype=torch.float64, device=self.dev) for p in self.paths}
+        self.bank.eval()
         with torch.no_grad():
-            for i in range(cfg.eval_batches):
-                records = teacher_records(teacher, tap, diffusion, next(val),
-                                          torch.Generator().manual_seed(VAL_SEED + i), dev, dtype)
-                _, outputs = student_losses(engine, records, losses, cfg.huber_delta)
-                for p in mine:
+            for i in range(self.cfg.eval_batches):
+                records = teacher_records(self.teacher, self.tap, self.diffusion, next(val),
+                                          torch.Generator().manual_seed(VAL_SEED + i), self.dev, self.dtype)
+                _, outputs = student_losses(self.engine, records, self.losses, self.cfg.huber_delta)
+                for p in self.paths:
                     sq_err[p] += (outputs[p].double() - records[p][2].double()).square().sum()
                     sq_ref[p] += records[p][2].double().square().sum()
-        bank.train()
-        if not split:
-            for p in mine:
+        self.bank.train()
+        if not self.split:
+            for p in self.paths:
                 torch.distributed.all_reduce(sq_err[p])
                 torch.distributed.all_reduce(sq_ref[p])
-        rel = {p: (sq_err[p] / sq_ref[p].clamp(min=1e-30)).sqrt().item() for p in mine}
-        improved = [p for p in mine if rel[p] < best[p]["rel_err"]]
-        if improved:
-            state = full_state_dict(bank)  # collective under ZeRO-3: every rank takes part
-            for p in improved:
-                best[p] = {"rel_err": rel[p], "step": step}
-                if writes_best:
-                    save_safetensors(bank.student_state(state, p), best_dir(recipe) / f"{p}.safetensors")
-                    save_json({"path": p, "operator": grafts[p].name, "type": grafts[p].type,
-                               "loss": losses[p], **best[p]}, best_dir(recipe) / f"{p}.json")
-        return {f"val/rel_err/{p}": v for p, v in rel.items()}
+        return {p: (sq_err[p] / sq_ref[p].clamp(min=1e-30)).sqrt().item() for p in self.paths}
 
-    def state() -> dict:
-        return {"best": {p: [b["rel_err"], b["step"]] for p, b in best.items()}}
 
-    def load_state(saved: dict) -> None:
-        for p, (rel_err, step) in saved["best"].items():
-            best[p] = {"rel_err": float(rel_err), "step": int(step)}
-
-    runlog = RunLog(out / (f"rank{rank}" if split and rank else ""), enabled=writes_best)
-    stage = loop.Stage("stage1", engine, source, cfg.steps, cfg.log_every, cfg.checkpoint_every, micro_step,
-                       evaluate, state, load_state)
-    loop.run(stage, CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank), runlog, recipe.seed,
-             recipe.deepspeed.gradient_accumulation, rank, resume)
+def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -> Path:
+    """Distil every targeted layer; returns the folder of the best student per layer (`<path>.safetensors`)."""
+    out, cfg = recipe.out / "stage1", recipe.stage1
+    distiller = Distiller(recipe, rank, world_size)
+    runlog = RunLog(out / (f"rank{rank}" if distiller.split and rank else ""), enabled=distiller.writes)
+    stage = loop.Stage(name="stage1", engine=distiller.engine, source=distiller.batches("train"),
+                       total_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                       micro_step=distiller.micro_step, after_step=distiller.after_step,
+                       state=distiller.best.state, load_state=distiller.best.load_state)
+    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank),
+             runlog=runlog, seed=recipe.seed, accumulation=recipe.deepspeed.gradient_accumulation, rank=rank,
+             resume=resume)
     runlog.close(f"{recipe.name}: stage 1")
     barrier()
     if rank == 0:
-        report = layer_table(best_dir(recipe), [out / "metrics.jsonl", *sorted(out.glob("rank*/metrics.jsonl"))])
+        report = distiller.best.table([out / "metrics.jsonl", *sorted(out.glob("rank*/metrics.jsonl"))])
         save_text(report + "\n", out / "layers.md")
         log.info("stage 1 per-layer results (%s):\n%s", out / "layers.md", report)
     return best_dir(recipe)
-
-
-def layer_table(folder: Path, metrics: list[Path]) -> str:
-    """Markdown: one row per distilled layer with its final train loss and best held-out relative error
-    (`metrics`: the metrics files of every rank that trained students)."""
-    last: dict = {}
-    for file in metrics:
-        rows_by_step = read_metrics(file)
-        last.update(rows_by_step[-1] if rows_by_step else {})
-    rows = []
-    for info_file in sorted(folder.glob("*.json"), key=lambda f: int(f.stem.split(".")[1])):
-        info = json.loads(info_file.read_text())
-        rows.append([info["path"], info["operator"], info["loss"], last.get(f"train/{info['path']}", float("nan")),
-                     info["rel_err"], info["step"]])
-    return markdown_table(["layer", "operator", "loss", "final train loss", "best val ‖g−f‖/‖f‖", "at step"], rows)
 
 
 def load_students(folder: Path, spec: GraftSpec, model: nn.Module) -> dict[str, nn.Module]:

@@ -12,10 +12,11 @@ import torch
 from common.files import save_text
 from common.runtime import compute_dtype, pick_device
 from models.graft import GraftSpec
+from models.operators.kernels import log_backends_once
 from models.pretrained import PretrainedModel
 from models.weights import load_strict, read_state_dict
 from recipes import loop
-from recipes.batches import call_model, noise_batch, to_device
+from recipes.batches import BatchSource, call_model, noise_batch, to_device
 from recipes.builders import build_diffusion, build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe, dump_recipe
@@ -24,6 +25,7 @@ from recipes.ema import EMA
 from recipes.engine import deepspeed_engine, full_state_dict
 from recipes.evaluation import PeriodicGenEval
 from recipes.lora import attach_lora, merge_lora
+from recipes.model_card import write_model_card
 from recipes.reporting import RunLog
 from recipes.stage1 import load_students
 
@@ -34,6 +36,9 @@ def grafted_model(recipe: Recipe, students_dir: Path | None) -> PretrainedModel:
     """The teacher with its targeted operators replaced: by the stage-1 students, or fresh if none are given (the
     teacher itself when the recipe has no graft)."""
     model = build_teacher(recipe)
+    # fresh operators and LoRA weights: the same in every run (torch seeds its default generator at random), with
+    # or without stage 1 earlier in the process
+    torch.manual_seed(recipe.seed)
     targets: list[str] = []
     if recipe.graft is not None:
         spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
@@ -49,70 +54,92 @@ def null_caption(recipe: Recipe, dev: torch.device, dtype: torch.dtype) -> tuple
     """T5 features of the empty prompt, padded or cut to the recipe's caption length."""
     state = read_state_dict(recipe.data.null_caption)
     emb, mask = state["embedding"], state["mask"]
-    length = recipe.data.caption_tokens
+    length = recipe.data.reader.caption_tokens
     if emb.shape[0] < length:
         emb = torch.cat([emb, emb.new_zeros(length - emb.shape[0], emb.shape[1])])
         mask = torch.cat([mask, mask.new_zeros(length - mask.shape[0])])
     return emb[:length].to(dev, dtype), mask[:length].to(dev)
 
 
-def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, students_dir: Path | None) -> Path:
-    """Finetune and export; returns the export folder."""
-    out = recipe.out / "stage2"
-    cfg = recipe.stage2
-    dev, dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
-    model = grafted_model(recipe, students_dir)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    ema = EMA(model, cfg.ema_decay, keep=rank == 0, warmup=cfg.ema_warmup) if cfg.ema_decay else None
-    engine = deepspeed_engine(model.to(dev), recipe, cfg.optim, cfg.steps, world_size)
-    diffusion = build_diffusion(recipe)
-    evaluation = PeriodicGenEval(recipe, diffusion.schedule, rank, world_size) if cfg.eval else None
-    source = build_source(recipe, model, rank, world_size, "train", cfg.shards)
-    drop_caption = recipe.data.caption_dropout > 0 and recipe.model.family == "pixart"
-    null_emb, null_mask = null_caption(recipe, dev, dtype) if drop_caption else (None, None)
+class Finetuner:
+    """Stage 2 on one rank: the grafted model in its engine, its EMA, and caption dropout toward the null caption
+    (which keeps the unconditional branch that classifier-free guidance needs)."""
 
-    def micro_step(batch: dict, generator: torch.Generator):
-        batch = to_device(batch, dev, dtype)
-        x_t, t, noise = noise_batch(diffusion, batch, generator)
-        if drop_caption:
-            drop = (torch.rand(len(t), generator=generator) < recipe.data.caption_dropout).to(dev)
+    def __init__(self, recipe: Recipe, rank: int, world_size: int, students_dir: Path | None):
+        self.recipe, self.cfg = recipe, recipe.stage2
+        self.dev, self.dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
+        self.model = grafted_model(recipe, students_dir)
+        log_backends_once(self.model, "stage 2 model")
+        self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
+        self.model.train()
+        self.ema = (EMA(self.model, self.cfg.ema_decay, keep=rank == 0, warmup=self.cfg.ema_warmup)
+                    if self.cfg.ema_decay else None)
+        self.engine = deepspeed_engine(self.model.to(self.dev), recipe, self.cfg.optim, self.cfg.steps, world_size)
+        self.diffusion = build_diffusion(recipe)
+        self.rank, self.world_size = rank, world_size
+        self.evaluation = (PeriodicGenEval(recipe, self.diffusion.schedule, rank, world_size) if self.cfg.eval
+                           else None)
+        self.caption_dropout = recipe.data.caption_dropout if recipe.model.family == "pixart" else 0.0
+        self.null = null_caption(recipe, self.dev, self.dtype) if self.caption_dropout > 0 else None
+
+    def batches(self) -> BatchSource:
+        return build_source(self.recipe, self.model, self.rank, self.world_size, "train", self.cfg.shards)
+
+    def micro_step(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The model's own diffusion loss (the recipe's objective, PixArt-Sigma's ε MSE + VLB by default) on noised
+        latents, some captions dropped."""
+        batch = to_device(batch, self.dev, self.dtype)
+        x_t, t, noise = noise_batch(self.diffusion, batch, generator)
+        if self.null is not None:
+            null_emb, null_mask = self.null
+            drop = (torch.rand(len(t), generator=generator) < self.caption_dropout).to(self.dev)
             batch["text"] = torch.where(drop[:, None, None], null_emb, batch["text"])
             batch["text_mask"] = torch.where(drop[:, None], null_mask, batch["text_mask"])
-        output = call_model(engine, x_t, t, batch)
-        terms = diffusion.training_losses(output, batch["latent"], x_t, t, noise)
+        output = call_model(self.engine, x_t, t, batch)
+        terms = self.diffusion.training_losses(output, batch["latent"], x_t, t, noise)
         loss = terms["loss"].mean()
         return loss, {"train/loss": loss.item(), "train/mse": terms["mse"].mean().item(),
                       "train/vb": terms["vb"].mean().item()}
 
-    def after_step(step: int) -> dict:
-        if ema is not None:
-            ema.update(engine.module, step)
-        if evaluation is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
-            model.eval()
-            metrics = evaluation(step, lambda: final_model(recipe, engine.module, ema, rank, everywhere=True))
-            model.train()
-            return metrics
-        return {}
+    def after_step(self, step: int) -> dict[str, float]:
+        """The EMA update; GenEval every `eval.every` steps and at the end (collective), when the recipe asks."""
+        if self.ema is not None:
+            self.ema.update(self.engine.module, step)
+        if self.evaluation is None or (step % self.cfg.eval.every and step != self.cfg.steps):
+            return {}
+        self.model.eval()
+        metrics = self.evaluation(step, lambda: final_model(self.recipe, self.engine.module, self.ema, self.rank,
+                                                            everywhere=True))
+        self.model.train()
+        return metrics
 
-    def state() -> dict:
-        return {"ema": ema.state_dict() if ema else {}, "eval": evaluation.state_dict() if evaluation else {}}
+    def state(self) -> dict:
+        return {"ema": self.ema.state_dict() if self.ema else {},
+                "eval": self.evaluation.state_dict() if self.evaluation else {}}
 
-    def load_state(saved: dict) -> None:
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
-        if evaluation is not None:
-            evaluation.load_state_dict(saved.get("eval", {}))
+    def load_state(self, saved: dict) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        if self.evaluation is not None:
+            self.evaluation.load_state_dict(saved.get("eval", {}))
 
-    stage = loop.Stage("stage2", engine, source, cfg.steps, cfg.log_every, cfg.checkpoint_every, micro_step,
-                       after_step, state, load_state)
+
+def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, students_dir: Path | None) -> Path:
+    """Finetune and export; returns the export folder."""
+    out, cfg = recipe.out / "stage2", recipe.stage2
+    finetuner = Finetuner(recipe, rank, world_size, students_dir)
+    stage = loop.Stage(name="stage2", engine=finetuner.engine, source=finetuner.batches(), total_steps=cfg.steps,
+                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                       micro_step=finetuner.micro_step, after_step=finetuner.after_step, state=finetuner.state,
+                       load_state=finetuner.load_state)
     runlog = RunLog(out, enabled=rank == 0)
-    loop.run(stage, CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank), runlog, recipe.seed,
-             recipe.deepspeed.gradient_accumulation, rank, resume)
+    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank),
+             runlog=runlog, seed=recipe.seed, accumulation=recipe.deepspeed.gradient_accumulation, rank=rank,
+             resume=resume)
     runlog.close(f"{recipe.name}: stage 2")
-    if evaluation is not None and rank == 0:
-        evaluation.write_curve(out / "metrics.jsonl")
-    return export(recipe, engine.module, ema, rank)
+    if finetuner.evaluation is not None and rank == 0:
+        finetuner.evaluation.write_curve(out / "metrics.jsonl")
+    return export(recipe, finetuner.engine.module, finetuner.ema, rank)
 
 
 def final_model(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int,
@@ -140,6 +167,7 @@ def export(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int)
     if rank == 0:
         model.save_pretrained(folder)
         save_text(dump_recipe(recipe), folder / "recipe.yaml")
+        write_model_card(folder, new_weights=True)
         log.info("exported the %s model to %s", "grafted" if recipe.graft else "trained", folder)
     barrier()
     return folder

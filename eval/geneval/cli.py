@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from common.files import file_sha256
+from common.hub import local_path
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from eval.geneval.colours import ClipColorClassifier
 from eval.geneval.detections import (
@@ -53,6 +54,7 @@ from eval.geneval.rules import ScoringOptions
 from eval.geneval.scoring import Summary, prompt_agnostic_baseline, score_image, summarize
 from eval.geneval.worlds import WORLDS, get_world
 from eval.rank_wait import wait_for
+from models.pretrained import is_grafted
 from models.sampling import TextToImage
 
 log = logging.getLogger("geneval")
@@ -194,9 +196,10 @@ def load_prompts(args: argparse.Namespace) -> list[dict]:
 def run_generation(args: argparse.Namespace, images_dir: Path, rank: Rank) -> None:
     """This rank's images; rank 0 then waits until every rank's images exist."""
     prompts = select_prompts(list(enumerate(load_prompts(args))), args.tags, args.limit)
+    ckpt = local_path(args.ckpt, "--ckpt")
     settings = GenerationSettings(
-        ckpt=str(args.ckpt.resolve()), pipeline=str(args.pipeline.resolve()), preset=args.preset,
-        grafted=(args.ckpt / "graft.yaml").is_file(), seed=args.seed, samples_per_prompt=args.samples_per_prompt,
+        ckpt=str(ckpt.resolve()), pipeline=str(local_path(args.pipeline, "--pipeline").resolve()),
+        preset=args.preset, grafted=is_grafted(ckpt), seed=args.seed, samples_per_prompt=args.samples_per_prompt,
         steps=args.steps, cfg_scale=args.cfg, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, dtype=args.dtype)
 

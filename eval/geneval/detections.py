@@ -2,8 +2,9 @@
 
 What is stored is enough to re-score exactly without any model (`--from-detections`), with other thresholds, and
 against other prompts (the prompt-agnostic baseline):
-- per class, the detections above min(threshold, counting_threshold), sorted, at most `max_objects`, before NMS
-  (every later filter keeps a prefix of this list, and greedy NMS of a prefix is the prefix of greedy NMS);
+- per class, the detections above min(threshold, counting_threshold) in upstream's order (`rank_detections`), at
+  most `max_objects`, before NMS (every later filter keeps a prefix of this list, and greedy NMS of a prefix is
+  the prefix of greedy NMS); scoring selects from this order and never sorts again;
 - for images whose prompt asks for a colour, CLIP's colour of EVERY stored detection (masks are not stored, so
   colours cannot be re-derived later). Upstream classifies only the top-`count` objects of the asked classes, one
   batch per include; a colour depends only on the image, its box, mask and class, so the decisions are the same.
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from common.files import save_text
 from eval.geneval.colours import object_crop
 from eval.geneval.layout import GeneratedImage
-from eval.geneval.rules import Detection, ScoringOptions, filter_detections
+from eval.geneval.rules import Detection, ScoringOptions, rank_detections
 
 FORMAT = "grafting-geneval-detections/1"
 
@@ -47,7 +48,8 @@ class ColorClassifier(Protocol):
 
 @dataclass
 class ImageDetections:
-    """One scored image: its file name, the prompt record it was made for, and its stored detections."""
+    """One scored image: its file name, the prompt record it was made for, and its stored detections (per class,
+    in upstream's order)."""
 
     filename: str
     metadata: dict
@@ -67,7 +69,7 @@ def detect_image(image: Image.Image, metadata: dict, detector: Detector, classif
                  options: ScoringOptions) -> dict[str, list[Detection]]:
     """The stored detections of one image: filtered for storage, coloured when its prompt asks for colours,
     masks dropped."""
-    stored = filter_detections(detector.detect(image), storage_threshold(options), options.max_objects)
+    stored = rank_detections(detector.detect(image), storage_threshold(options), options.max_objects)
     if needs_colors(metadata):
         if classifier is None:
             raise ValueError(f"prompt {metadata['prompt']!r} asks for a colour but no colour classifier was given")

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
-from common.files import atomic_write, file_sha256
+from common.files import download, file_sha256
 from data.prompts import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -54,17 +51,11 @@ def official_file(spec: tuple[str, str, str], local: str | Path | None = None,
     if not target.is_file():
         log.info("fetching %s → %s", url, target)
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                atomic_write(target, lambda tmp: _copy_stream(response, tmp))
+            download(url, target)
         except OSError as err:
             raise RuntimeError(f"cannot fetch {url} ({err}). Download it by hand and pass its path "
                                f"(--metadata / --object-names), or copy it to {target}") from None
     return verify_sha256(target, sha)
-
-
-def _copy_stream(stream: BinaryIO, path: str) -> None:
-    with open(path, "wb") as f:
-        shutil.copyfileobj(stream, f)
 
 
 def read_metadata(path: str | Path) -> list[dict]:

@@ -69,33 +69,59 @@ _OPTION_PARSERS = {"threshold": float, "counting_threshold": float, "max_objects
 
 
 def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """IoU with the old "+1" pixel convention, 0 when the union is empty (as the official NMS computes it)."""
+    """IoU with the old "+1" pixel convention, 0 when the union is empty (as the official NMS computes it), in
+    float32 like upstream's box arrays."""
+    a, b = np.asarray(box_a[:4], dtype=np.float32), np.asarray(box_b[:4], dtype=np.float32)
+    one = np.float32(1)
+
     def area(box):
-        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
+        return max(box[2] - box[0] + one, 0) * max(box[3] - box[1] + one, 0)
 
-    inter = area([max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]),
-                  min(box_a[3], box_b[3])])
-    union = area(box_a) + area(box_b) - inter
-    return inter / union if union else 0.0
+    inter = area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+    union = area(a) + area(b) - inter
+    return float(inter / union) if union else 0.0
 
 
-def filter_detections(detections: Mapping[str, Sequence[Detection]], threshold: float, max_objects: int = 16,
+def rank_detections(detections: Mapping[str, Sequence[Detection]], threshold: float,
+                    max_objects: int = 16) -> dict[str, list[Detection]]:
+    """Upstream's order on a detector's output: per class, `argsort(scores)[::-1]` on float32 scores, then
+    score > threshold (in float32), then the first `max_objects`. Classes with nothing left are absent.
+
+    The sort is stable before the reversal, so tied scores keep the later detection first. That is what
+    upstream's default argsort does on the numpy its environment pins (an insertion sort for up to 16
+    detections of a class); newer numpy's SIMD sorts order ties by CPU, so the default kind is not called here.
+    """
+    ranked: dict[str, list[Detection]] = {}
+    for name, dets in detections.items():
+        scores = np.array([d.score for d in dets], dtype=np.float32)
+        order = np.argsort(scores, kind="stable")[::-1]
+        kept = [dets[int(i)] for i in order if scores[i] > np.float32(threshold)][:max_objects]
+        if kept:
+            ranked[name] = kept
+    return ranked
+
+
+def select_detections(ranked: Mapping[str, Sequence[Detection]], threshold: float, max_objects: int = 16,
                       max_overlap: float = 1.0) -> dict[str, list[Detection]]:
-    """Per class: sort by score, keep score > threshold, keep the first `max_objects`, then greedy NMS.
+    """From lists already in upstream order (`rank_detections`, or stored detections): score > threshold, the
+    first `max_objects`, then greedy per-class NMS (off at the default max_overlap 1.0).
 
-    Sorting is `argsort(scores)[::-1]` as upstream, made stable, so tied scores keep the later detection first.
-    Classes with nothing left are absent. There is no class-agnostic suppression.
+    Never sorts again: a second sort of a sorted list reverses the order of tied scores back to the detector's,
+    which changes which of two tied objects is the "top" one that colour and position rules look at.
     """
     kept: dict[str, list[Detection]] = {}
-    for name, dets in detections.items():
-        scores = np.array([d.score for d in dets], dtype=np.float64)
-        order = [int(i) for i in np.argsort(scores, kind="stable")[::-1] if scores[i] > threshold][:max_objects]
+    for name, dets in ranked.items():
+        scores = np.array([d.score for d in dets], dtype=np.float32)
+        if np.any(scores[1:] > scores[:-1]):
+            raise ValueError(f"{name}: detections are not in descending score order (stored detections keep "
+                             "upstream's order; rank a detector's output with rank_detections)")
+        order = [i for i in range(len(dets)) if scores[i] > np.float32(threshold)][:max_objects]
         chosen = []
         while order:
             best = dets[order.pop(0)]
             chosen.append(best)
             if max_overlap < 1:
-                order = [i for i in order if compute_iou(best.box, dets[i].box) < max_overlap]
+                order = [i for i in order if compute_iou(best.box, dets[i].box) < np.float32(max_overlap)]
         if chosen:
             kept[name] = chosen
     return kept
@@ -105,17 +131,19 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], c: float =
     """Where A is relative to B (image y grows downwards); empty when the centres are too close.
 
     Each axis offset shrinks by c·(dim_A + dim_B) and is then divided by the norm of the ORIGINAL offset, so a
-    clear diagonal can hold two relations at once.
+    clear diagonal can hold two relations at once. All in float32, as upstream's box arrays: in float64 a
+    whole-pixel box exactly on the 0.5 boundary can land on the other side of it.
     """
-    boxes = np.array([box_a[:4], box_b[:4]], dtype=np.float64).reshape(2, 2, 2)
+    boxes = np.array([box_a[:4], box_b[:4]], dtype=np.float32).reshape(2, 2, 2)
     center_a, center_b = boxes.mean(axis=-2)
     dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
     offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - c * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
+    revised = np.maximum(np.abs(offset) - np.float32(c) * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < np.float32(1e-3)):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
-    found = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
+    half = np.float32(0.5)
+    found = {"left of": dx < -half, "right of": dx > half, "above": dy < -half, "below": dy > half}
     return {rel for rel, holds in found.items() if holds}
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from eval.geneval.detections import ImageDetections
 from eval.geneval.prompts import tag_order
-from eval.geneval.rules import ScoringOptions, details_json, evaluate, filter_detections
+from eval.geneval.rules import ScoringOptions, details_json, evaluate, select_detections
 
 RESULT_FIELDS = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
 
@@ -18,7 +18,7 @@ def score_image(image: ImageDetections, options: ScoringOptions = ScoringOptions
                 metadata: dict | None = None) -> dict:
     """One results.jsonl row; `metadata` scores the image against another prompt (default: its own)."""
     metadata = metadata or image.metadata
-    detected = filter_detections(image.objects, options.threshold_for(metadata["tag"]), options.max_objects,
+    detected = select_detections(image.objects, options.threshold_for(metadata["tag"]), options.max_objects,
                                  options.max_overlap)
     correct, reason = evaluate(detected, metadata, options)
     return {"filename": image.filename, "tag": metadata["tag"], "prompt": metadata["prompt"], "correct": correct,
@@ -91,7 +91,7 @@ def prompt_agnostic_baseline(images: Sequence[ImageDetections],
     pairs: dict[str, int] = {}
     for image in images:
         tag = image.metadata["tag"]
-        detected = filter_detections(image.objects, options.threshold_for(tag), options.max_objects,
+        detected = select_detections(image.objects, options.threshold_for(tag), options.max_objects,
                                      options.max_overlap)
         hits[tag] = hits.get(tag, 0) + sum(evaluate(detected, p, options)[0] for p in prompts[tag].values())
         pairs[tag] = pairs.get(tag, 0) + len(prompts[tag])

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.layers import linear_flops
 from models.operators.attention_core import attention, window_attention
+from models.operators.kernels import UsesKernel
 
 
 class MultiHeadAttention(nn.Module):
@@ -38,8 +40,14 @@ class MultiHeadAttention(nn.Module):
         out = attention(q, k, v, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.flatten(2)))
 
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample: q, k, v and output projections, and the core's two products
+        (4 · N · keys · D); softmax and norms are elementwise work, not counted."""
+        core = 4 * tokens * tokens * self.num_heads * self.head_dim
+        return linear_flops(self.qkv, tokens) + core + linear_flops(self.proj, tokens)
 
-class SlidingWindowAttention(nn.Module):
+
+class SlidingWindowAttention(UsesKernel, nn.Module):
     """`swa`: flash-attn `MHA` (keys `Wqkv`, `out_proj`) with a `(left, right)` window over the raster sequence.
 
     Takes the flash-attn constructor arguments of the paper's `swa.yaml` unchanged; options the paper never used
@@ -86,6 +94,18 @@ class SlidingWindowAttention(nn.Module):
         if self.num_heads_kv != self.num_heads:
             repeat = self.num_heads // self.num_heads_kv
             k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
-        out = window_attention(q, k, v, self.window, scale=self.softmax_scale,
-                               dropout_p=self.dropout if self.training else 0.0)
+        out, self.backend = window_attention(q, k, v, self.window, scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.reshape(b, n, -1))
+
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample: projections, and the core over the (query, key) pairs inside the
+        window only (4 · pairs · head_dim per head), which is what a windowed kernel computes."""
+        core = 4 * window_pairs(tokens, self.window) * self.num_heads * self.head_dim
+        return linear_flops(self.Wqkv, tokens) + core + linear_flops(self.out_proj, tokens)
+
+
+def window_pairs(tokens: int, window: tuple[int, int]) -> int:
+    """(query, key) pairs with i - left <= j <= i + right among `tokens` positions (-1: unbounded side)."""
+    left, right = (tokens - 1 if w < 0 else min(w, tokens - 1) for w in window)
+    return tokens + left * tokens - left * (left + 1) // 2 + right * tokens - right * (right + 1) // 2

@@ -1,35 +1,18 @@
 """One attention core with backends: torch SDPA (everywhere), flash-attn (CUDA windows), xformers (CUDA text masks).
 
-Every public function takes q, k, v as (B, N, H, Dh) and returns (B, N, H, Dh). The optional kernels are imported
-lazily and only used on CUDA tensors; the pure-PyTorch paths are exact references for them.
+Every public function takes q, k, v as (B, N, H, Dh) and returns (B, N, H, Dh); the two with an optional kernel
+also return the backend that ran (`models.operators.kernels`). The pure-PyTorch paths are exact references for
+the kernels.
 """
 from __future__ import annotations
-
-import functools
-import importlib
 
 import torch
 import torch.nn.functional as F
 
+from models.operators.kernels import FLASH_ATTN, PURE, XFORMERS
+
 #: Queries per block in the pure-PyTorch sliding-window path: memory O(N · (block + window)), not O(N²).
 WINDOW_BLOCK = 512
-
-
-@functools.cache
-def optional_module(name: str):
-    """Import an optional GPU package once; None when it is missing or broken."""
-    try:
-        return importlib.import_module(name)
-    except Exception:  # a broken CUDA extension raises more than ImportError
-        return None
-
-
-def use_kernel(package: str, *tensors: torch.Tensor, half_only: bool = True) -> bool:
-    if not all(t.is_cuda for t in tensors):
-        return False
-    if half_only and tensors[0].dtype not in (torch.float16, torch.bfloat16):
-        return False
-    return optional_module(package) is not None
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -47,7 +30,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 
 def masked_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
-                         scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                         scale: float | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, str]:
     """Attention where each sample sees only its valid keys (PixArt's text mask), key_mask (B, L) bool.
 
     Masked keys are excluded exactly, as PixArt's xformers block-diagonal mask does (diffusers' -10000 bias
@@ -59,13 +42,17 @@ def masked_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
         bad = torch.nonzero(lens == 0).flatten().tolist()
         raise ValueError(f"encoder attention mask has no valid token for batch rows {bad}; "
                          "pass at least one (T5 always emits an end-of-sequence token)")
-    if use_kernel("xformers.ops", q, k, v) and dropout_p == 0.0:
-        return _xformers_masked_key_attention(q, k, v, key_mask, lens, scale)
-    return sdpa(q, k, v, mask=key_mask[:, None, None, :], scale=scale, dropout_p=dropout_p)
+
+    def pure() -> torch.Tensor:
+        return sdpa(q, k, v, mask=key_mask[:, None, None, :], scale=scale, dropout_p=dropout_p)
+
+    if dropout_p:  # xformers' path here has no dropout
+        return pure(), PURE
+    return XFORMERS.run(lambda xops: _xformers_masked_key_attention(xops, q, k, v, key_mask, lens, scale), pure,
+                        q, k, v)
 
 
-def _xformers_masked_key_attention(q, k, v, key_mask, lens, scale):
-    xops = optional_module("xformers.ops")
+def _xformers_masked_key_attention(xops, q, k, v, key_mask, lens, scale):
     b, n, h, d = q.shape
     bias = xops.fmha.BlockDiagonalMask.from_seqlens([n] * b, lens.tolist())
     q = q.reshape(1, b * n, h, d)
@@ -90,17 +77,21 @@ def window_mask(n_q: int, n_k: int, window: tuple[int, int], q_offset: int = 0, 
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int],
-                     scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                     scale: float | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, str]:
     """Sliding-window attention over the flattened sequence; -1 in `window` means unbounded on that side.
 
     flash-attn on CUDA half precision; otherwise a blocked SDPA: each block of queries attends only to the key
     span its window can reach, so memory grows linearly with the sequence length.
     """
+    return FLASH_ATTN.run(lambda flash: flash.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
+                                                              causal=False, window_size=tuple(window)),
+                          lambda: blocked_window_attention(q, k, v, window, scale, dropout_p), q, k, v)
+
+
+def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: tuple[int, int],
+                             scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """The pure path of `window_attention`: SDPA over blocks of queries and the key span each block can reach."""
     left, right = window
-    if use_kernel("flash_attn", q, k, v):
-        flash = optional_module("flash_attn")
-        return flash.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=False,
-                                     window_size=(left, right))
     n = q.shape[1]
     outs = []
     for start in range(0, n, WINDOW_BLOCK):

@@ -10,23 +10,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.operators.attention_core import optional_module, use_kernel
+from models.operators.kernels import CAUSAL_CONV1D, PURE, UsesKernel
 
 #: Kernel widths the `causal_conv1d` CUDA kernel implements.
 KERNEL_WIDTHS = (2, 3, 4)
 
 
-class CausalDepthwiseConv1d(nn.Conv1d):
+class CausalDepthwiseConv1d(UsesKernel, nn.Conv1d):
     """(B, C, L) → (B, C, L); output at position t sees inputs t-K+1 … t of its own channel only."""
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(channels, channels, kernel_size, groups=channels, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_size[0] in KERNEL_WIDTHS and use_kernel("causal_conv1d", x, half_only=False):
-            kernel = optional_module("causal_conv1d")
-            return kernel.causal_conv1d_fn(x, self.weight.squeeze(1), self.bias, activation=None)
+        if self.kernel_size[0] not in KERNEL_WIDTHS:
+            out, self.backend = self.pure(x), PURE
+        else:
+            out, self.backend = CAUSAL_CONV1D.run(
+                lambda kernel: kernel.causal_conv1d_fn(x, self.weight.squeeze(1), self.bias, activation=None),
+                lambda: self.pure(x), x)
+        return out
+
+    def pure(self, x: torch.Tensor) -> torch.Tensor:
+        """Left padding + F.conv1d: the exact reference of the kernel."""
         return F.conv1d(F.pad(x, (self.kernel_size[0] - 1, 0)), self.weight, self.bias, groups=self.groups)
+
+    def forward_flops(self, length: int) -> int:
+        """Forward FLOPs per sample over a sequence of `length`: 2 · K · channels · length."""
+        return 2 * self.kernel_size[0] * self.in_channels * length
 
 
 def init_identity_(conv: CausalDepthwiseConv1d) -> CausalDepthwiseConv1d:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.layers import linear_flops
 from models.operators.causal_conv import CausalDepthwiseConv1d, init_identity_
 
 #: The only Hyena settings the paper (and its released code paths) use.
@@ -55,6 +56,12 @@ class HyenaOperator(nn.Module):
         q, k, v = u.split(self.d_model, dim=1)
         y = q * self.inner_filter(k * v)
         return self.out_proj(y.transpose(1, 2))
+
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample: projections and the causal filters (the gates are elementwise)."""
+        filters = [f.forward_flops(tokens) for f in (self.short_filter, self.inner_filter)
+                   if isinstance(f, CausalDepthwiseConv1d)]
+        return linear_flops(self.in_proj, tokens) + linear_flops(self.out_proj, tokens) + sum(filters)
 
 
 class HyenaSE(HyenaOperator):

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.operators.attention_core import optional_module, use_kernel
+from models.layers import linear_flops
 from models.operators.causal_conv import CausalDepthwiseConv1d
-
-SSD_KERNEL = "mamba_ssm.ops.triton.ssd_combined"
+from models.operators.kernels import MAMBA_SSM, UsesKernel
 
 
 class GatedRMSNorm(nn.Module):
@@ -86,7 +85,7 @@ def ssd_chunk_scan(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.T
     return (y_intra + y_inter).reshape(batch, -1, heads, p)[:, :length]
 
 
-class Mamba2(nn.Module):
+class Mamba2(UsesKernel, nn.Module):
     """`mamba2`: `mamba_ssm.Mamba2` (keys in_proj, conv1d, dt_bias, A_log, D, norm, out_proj), same init.
 
     `use_mem_eff_path`, `layer_idx` and `sequence_parallel` select kernels / inference caches / tensor parallelism
@@ -148,15 +147,27 @@ class Mamba2(nn.Module):
         y = self.norm(y, z) if self.norm is not None else y * F.silu(z)
         return self.out_proj(y)
 
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample: projections, the conv, and the scan in its recurrent form
+        (2 · 2 · N · d_inner · d_state: state update and read-out), not the chunked algorithm's extra work."""
+        scan = 2 * 2 * tokens * self.d_inner * self.d_state
+        return (linear_flops(self.in_proj, tokens) + self.conv1d.forward_flops(tokens) + scan
+                + linear_flops(self.out_proj, tokens))
+
     def scan(self, x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """SSM over the sequence: x (B, L, H, P), raw dt (B, L, H), b/c (B, L, G, N) → (B, L, H, P)."""
         a = -torch.exp(self.A_log.float())
         d = self.D.view(self.nheads, -1)  # (H, P) or (H, 1)
-        if use_kernel(SSD_KERNEL, x, half_only=False):
-            kernel = optional_module(SSD_KERNEL)
-            return kernel.mamba_chunk_scan_combined(x, dt, a, b, c, self.chunk_size,
-                                                    D=d if self.D_has_hdim else self.D, dt_bias=self.dt_bias,
-                                                    dt_softplus=True, dt_limit=self.dt_limit)
+        y, self.backend = MAMBA_SSM.run(
+            lambda kernel: kernel.mamba_chunk_scan_combined(x, dt, a, b, c, self.chunk_size,
+                                                            D=d if self.D_has_hdim else self.D, dt_bias=self.dt_bias,
+                                                            dt_softplus=True, dt_limit=self.dt_limit),
+            lambda: self.pure_scan(x, dt, a, b, c, d), x)
+        return y
+
+    def pure_scan(self, x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                  d: torch.Tensor) -> torch.Tensor:
+        """The chunked SSD in float32: the exact reference of the fused kernel."""
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
         heads_per_group = self.nheads // self.ngroups
         b, c = (t.float().repeat_interleave(heads_per_group, dim=2) for t in (b, c))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import Mlp
+from models.layers import Mlp, linear_flops
 from models.operators.causal_conv import CausalDepthwiseConv1d
 from models.operators.hyena import check_paper_settings
 
@@ -43,3 +43,8 @@ class MlpHyenaX(nn.Module):
                              "channels are the tokens, so the token count must equal l_max exactly")
         q, k, v = self.short_filter(self.in_proj(x)).split(self.hidden, dim=-1)
         return self.out_proj(q * (k * v))
+
+    def forward_flops(self, tokens: int) -> int:
+        """Analytic forward FLOPs per sample: projections and the conv (l_max channels over 3 · hidden features)."""
+        conv = self.short_filter.forward_flops(self.in_proj.out_features)
+        return linear_flops(self.in_proj, tokens) + conv + linear_flops(self.out_proj, tokens)

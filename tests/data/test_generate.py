@@ -64,7 +64,7 @@ def test_shards_hold_exactly_what_the_teacher_produced(reference, tmp_path):
         for j, i in enumerate(seeds):
             expected[f"{i:09d}"] = (latents[j], features[j, :int(mask[j].sum())], to_uint8(images)[j])
 
-    loader = ShardLoader(ReaderConfig(shards=[str(reference)], batch_size=1, epochs=1), num_workers=0)
+    loader = ShardLoader(ReaderConfig(shards=[str(reference)], batch_size=1, epochs=1, num_workers=0))
     for batch in loader:
         latent, text, _ = expected[batch["keys"][0]]
         n = int(batch["text_mask"][0].sum())

@@ -25,7 +25,7 @@ def write_png(path, seed: int, size: tuple[int, int]) -> None:
 
 
 def read(folder, **config) -> tuple[dict[str, dict], ShardLoader]:
-    loader = ShardLoader(ReaderConfig(shards=[str(folder)], batch_size=1, epochs=1, **config), num_workers=0)
+    loader = ShardLoader(ReaderConfig(shards=[str(folder)], batch_size=1, epochs=1, num_workers=0, **config))
     return {b["keys"][0]: b for b in loader}, loader
 
 

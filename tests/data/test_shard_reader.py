@@ -5,13 +5,14 @@ import json
 import logging
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from common.runtime import Rank
-from data.reader import ReaderConfig, ShardLoader, detect_kind, training_batches
+from data.reader import ReaderConfig, ShardLoader, detect_kind
 from data.sample_format import LATENT, LATENT_FLIP, TEXT, shard_sample
 from data.shard_writer import write_shard
 from tests.data.conftest import TEXT_DIM, synthetic_tensors, write_synthetic
@@ -22,8 +23,8 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def read_all(folder: Path, num_workers: int = 0, rank: Rank = Rank(), **config) -> tuple[list[dict], ShardLoader]:
-    loader = ShardLoader(ReaderConfig(shards=[str(folder)], **{"batch_size": 4, "epochs": 1, **config}), rank,
-                         num_workers=num_workers)
+    config = {"batch_size": 4, "epochs": 1, **config}
+    loader = ShardLoader(ReaderConfig(shards=[str(folder)], num_workers=num_workers, **config), rank)
     return list(loader), loader
 
 
@@ -127,15 +128,15 @@ def test_skip_counts_reach_the_main_process_from_workers(tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resumed_reader_counts_skips_as_an_uninterrupted_one(tmp_path, num_workers):
     damaged_shards(tmp_path)
-    config = ReaderConfig(shards=[str(tmp_path)], batch_size=2, epochs=2, shuffle_buffer=3)
-    reference = list(ShardLoader(config, num_workers=num_workers))
+    config = ReaderConfig(shards=[str(tmp_path)], batch_size=2, epochs=2, shuffle_buffer=3, num_workers=num_workers)
+    reference = list(ShardLoader(config))
     for cut in range(1, len(reference)):
-        first = ShardLoader(config, num_workers=num_workers)
+        first = ShardLoader(config)
         for n, _ in enumerate(first, start=1):
             if n == cut:
                 break
         state = json.loads(json.dumps(first.state_dict()))
-        resumed = ShardLoader(config, num_workers=num_workers, state=state)
+        resumed = ShardLoader(config, state=state)
         rest = list(resumed)
         assert [b["keys"] for b in rest] == [b["keys"] for b in reference[cut:]]
         assert dict(resumed.skipped) == {k: 2 * v for k, v in EXPECTED_SKIPS.items()}, f"cut after {cut} batches"
@@ -167,7 +168,8 @@ def mixed_shape_shards(folder: Path) -> None:
 @pytest.mark.parametrize("num_workers, cuts", [(2, (1, 8, 17, 26)), (0, (5, 14))])
 def test_resumed_reader_yields_exactly_the_remaining_batches(tmp_path, num_workers, cuts):
     mixed_shape_shards(tmp_path)
-    config = ReaderConfig(shards=[str(tmp_path)], batch_size=3, shuffle_buffer=7, seed=3)  # endless epochs
+    config = ReaderConfig(shards=[str(tmp_path)], batch_size=3, shuffle_buffer=7, seed=3,  # endless epochs
+                          num_workers=num_workers)
     total = 32  # about two epochs of 40 samples
 
     def take(loader: ShardLoader, n: int) -> list[dict]:
@@ -178,15 +180,15 @@ def test_resumed_reader_yields_exactly_the_remaining_batches(tmp_path, num_worke
                 return out
         raise AssertionError("the endless reader stopped")
 
-    reference = take(ShardLoader(config, num_workers=num_workers), total)
+    reference = take(ShardLoader(config), total)
     for batch in reference:
         assert len({tuple(batch["latent"].shape)}) == 1
     assert {b["latent"].shape[2:] for b in reference} == {(8, 8), (6, 10)}  # both shapes, never mixed
     for cut in cuts:
-        first = ShardLoader(config, num_workers=num_workers)
+        first = ShardLoader(config)
         take(first, cut)
         state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-        resumed = take(ShardLoader(config, num_workers=num_workers, state=state), total - cut)
+        resumed = take(ShardLoader(config, state=state), total - cut)
         for expected, got in zip(reference[cut:], resumed):
             assert got["keys"] == expected["keys"]
             assert torch.equal(bits(got["latent"]), bits(expected["latent"]))
@@ -195,31 +197,21 @@ def test_resumed_reader_yields_exactly_the_remaining_batches(tmp_path, num_worke
 
 def test_reader_state_only_resumes_the_same_setup(text_shards):
     folder, _ = text_shards
-    config = ReaderConfig(shards=[str(folder)], batch_size=3)
-    loader = ShardLoader(config, num_workers=0)
+    config = ReaderConfig(shards=[str(folder)], batch_size=3, num_workers=0)
+    loader = ShardLoader(config)
     next(iter(loader))
     with pytest.raises(ValueError, match="batch_size: saved 3, now 4"):
-        ShardLoader(ReaderConfig(shards=[str(folder)], batch_size=4), num_workers=0, state=loader.state_dict())
+        ShardLoader(replace(config, batch_size=4), state=loader.state_dict())
     with pytest.raises(ValueError, match="num_workers"):
-        ShardLoader(config, num_workers=2, state=loader.state_dict())
+        ShardLoader(replace(config, num_workers=2), state=loader.state_dict())
 
 
 def test_too_few_shards_for_the_reader_slots(text_shards):
     folder, _ = text_shards
     with pytest.raises(ValueError, match="8 shards cannot feed 4 ranks × 4 workers"):
-        ShardLoader(ReaderConfig(shards=[str(folder)], batch_size=2), Rank(0, 4), num_workers=4)
+        ShardLoader(ReaderConfig(shards=[str(folder)], batch_size=2, num_workers=4), Rank(0, 4))
     with pytest.raises(FileNotFoundError, match="no shards"):
         ShardLoader(ReaderConfig(shards=[str(folder / "nothing-*.tar")], batch_size=2))
+    with pytest.raises(ValueError, match="shards is empty"):
+        ShardLoader(ReaderConfig(batch_size=2))
 
-
-def test_training_batches_is_the_recipes_source(text_shards):
-    folder, written = text_shards
-    source = training_batches(str(folder / "shard-r000-{000000..000007}.tar"), batch_size=4, rank=1,
-                              world_size=2, num_workers=0, shuffle_buffer=0, caption_tokens=8)
-    batches = iter(source)
-    first = [next(batches) for _ in range(3)]
-    assert first[0]["text"].shape == (4, 8, TEXT_DIM) and len(first[0]["keys"]) == 4
-    fresh = training_batches(str(folder), batch_size=4, rank=1, world_size=2, num_workers=0, shuffle_buffer=0,
-                             caption_tokens=8)
-    fresh.load_state_dict(source.state_dict())
-    assert next(iter(fresh))["keys"] == next(batches)["keys"]

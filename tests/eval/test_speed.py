@@ -10,7 +10,7 @@ from eval.flops import meta_forward_flops, pixart_forward_flops
 from models.graft import GraftSpec
 from models.pixart import PixArtSigma
 
-HALF_HYENA_X = GraftSpec.from_dict(speed.DEFAULT_GRAFT)
+HALF_HYENA_X = GraftSpec.from_settings(*speed.DEFAULT_GRAFT)
 
 
 def test_xl2_2k_flops_match_the_meta_counter_and_the_paper_numbers():
@@ -62,6 +62,10 @@ def test_speed_runs_end_to_end_on_a_tiny_proxy(tmp_path, monkeypatch, capsys):
     assert all(len(r["forward_s"]) == 2 and len(r["sampling_s"]) == 1 for r in saved["rows"])
     assert saved["setup"]["graft"]["grafts"][0]["layers"] == {"indexes": [1]}
     assert report["flop_bound_speedup"] > 1
+    baseline, grafted = saved["rows"]  # CPU: every module with a kernel ran the pure path, and says so
+    assert baseline["backends"] == {f"blocks.{i}.cross_attn": "torch" for i in range(2)}
+    assert grafted["backends"] == {**baseline["backends"], "blocks.1.attn.short_filter": "torch"}
+    assert "grafted: CausalDepthwiseConv1d: torch ×1; CrossAttention: torch ×2" in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed.md").read_text().startswith("**CPU PROXY")
 
 

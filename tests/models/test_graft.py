@@ -14,10 +14,15 @@ from models.graft import GraftSpec, LayerSelection
 from models.operators.attention import MultiHeadAttention
 from models.operators.hyena import HyenaX, HyenaY
 from models.pixart import CrossAttention, PixArtSigma
-from tests.conftest import SHARED
+from tests.conftest import shared_file, shared_files
 
-PAPER_SAMPLING = sorted((SHARED / "grafting-configs" / "sampling").glob("*/*.yaml"))
-needs_shared = pytest.mark.skipif(not PAPER_SAMPLING, reason="../shared/grafting-configs is missing")
+
+def paper_sampling_yaml(name: str):
+    """A paper sampling YAML and the operator YAML it points to (`configs/…`, found relative to it)."""
+    path = shared_file(name)
+    operator_yaml = yaml.safe_load(path.read_text())["operator"]["config_filepath"]
+    shared_file("grafting-configs/" + operator_yaml.removeprefix("configs/"))
+    return path
 
 
 def tiny_pixart() -> PixArtSigma:
@@ -117,10 +122,10 @@ def test_export_folder_of_a_grafted_model_round_trips(tmp_path):
         again.save_diffusers(tmp_path / "d")
 
 
-@needs_shared
-@pytest.mark.parametrize("path", PAPER_SAMPLING, ids=lambda p: p.stem)
-def test_paper_sampling_yamls_graft_dit_xl2(path):
+@pytest.mark.parametrize("name", shared_files("grafting-configs/sampling/"), ids=lambda n: n.split("/")[-1])
+def test_paper_sampling_yamls_graft_dit_xl2(name):
     """Every published sampling YAML loads unchanged and grafts the odd blocks of DiT-XL/2 (on the meta device)."""
+    path = paper_sampling_yaml(name)
     graft = GraftSpec.from_yaml(path)
     raw = yaml.safe_load(path.read_text())
     with torch.device("meta"):
@@ -139,14 +144,13 @@ def test_paper_sampling_yamls_graft_dit_xl2(path):
     assert any(expected_prefix[raw["operator"]["name"]] in k for k in keys)
 
 
-@needs_shared
 def test_released_grafted_checkpoint_loads_and_samples(tmp_path):
     """A synthetic "released" model.pt (paper layout: 'ema' state dict with pos_embed, plus 'args') is built on a
     tiny DiT with the paper's 50% Hyena-Y YAML, then sampled through the CLI a user would run."""
     from eval.sample import main
     from models.tiny import build_vae
 
-    paper_yaml = SHARED / "grafting-configs" / "sampling" / "mha_swaps" / "50p_hyena_y.yaml"
+    paper_yaml = paper_sampling_yaml("grafting-configs/sampling/mha_swaps/50p_hyena_y.yaml")
     arch = dict(depth=28, hidden_size=32, num_heads=2, input_size=8, num_classes=1000)
     model = DiT(DiT.make_config("DiT-XL/2", **arch)).eval()
     GraftSpec.from_yaml(paper_yaml).with_width(32).apply(model)

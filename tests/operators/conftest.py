@@ -1,12 +1,10 @@
-"""Shared fixtures: the paper's operator YAMLs (read from ../shared beside the repo, never copied into it)."""
+"""Shared fixtures: the paper's operator YAMLs (published files, found by `tests.conftest.shared_file`)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "../shared/grafting-configs"
+from tests.conftest import shared_file
 
 #: Operator name in our registry → the paper's YAML for it.
 PAPER_YAMLS = {
@@ -23,12 +21,9 @@ PAPER_YAMLS = {
 
 @pytest.fixture
 def paper_config():
-    """Return a loader: operator name → the paper's YAML config as a dict (skips if ../shared is absent)."""
+    """Return a loader: operator name → the paper's YAML config as a dict (skips when it is unavailable)."""
 
     def load(name: str) -> dict:
-        path = CONFIG_DIR / PAPER_YAMLS[name]
-        if not path.exists():
-            pytest.skip(f"paper configs not found at {CONFIG_DIR.resolve()} (expected ../shared beside the repo)")
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(shared_file(f"grafting-configs/{PAPER_YAMLS[name]}").read_text())
 
     return load

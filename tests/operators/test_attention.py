@@ -6,7 +6,7 @@ import torch
 
 from models.operators import attention_core, build
 from models.operators.attention import SlidingWindowAttention
-from models.operators.attention_core import optional_module
+from models.operators.kernels import FLASH_ATTN
 
 WIDTH, HEADS = 32, 4
 N = 1100  # crosses the 512-query blocks of the pure-PyTorch path twice
@@ -58,14 +58,14 @@ def test_swa_refuses_unsupported_options(paper_config):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or optional_module("flash_attn") is None,
-                    reason="needs CUDA and the flash_attn package")
+@pytest.mark.skipif(not torch.cuda.is_available() or FLASH_ATTN.load() is None,
+                    reason="needs CUDA and a working flash_attn package")
 @pytest.mark.parametrize("window", [(4, 4), (-1, 2)])
-def test_flash_window_matches_pure_path(window, monkeypatch):
+def test_flash_window_matches_pure_path(window):
     """bf16 flash-attn windowed kernel vs the bf16 blocked SDPA path on the same GPU (rtol 2e-2, atol 2e-2)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, N, HEADS, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    fast = attention_core.window_attention(q, k, v, window)
-    monkeypatch.setattr(attention_core, "_use_kernel", lambda *args, **kwargs: False)
-    pure = attention_core.window_attention(q, k, v, window)
+    fast, backend = attention_core.window_attention(q, k, v, window)
+    pure = attention_core.blocked_window_attention(q, k, v, window)
+    assert backend == "flash_attn"
     torch.testing.assert_close(fast, pure, rtol=2e-2, atol=2e-2)

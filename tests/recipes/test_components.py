@@ -1,15 +1,19 @@
 """Engine components in one process: LoRA attach / merge, EMA, synthetic batches, activation taps."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from models.graft import GraftSpec
 from models.pixart import PixArtSigma
-from recipes.batches import SyntheticBatches
-from recipes.config import LoraSection
+from models.weights import read_state_dict
+from recipes.batches import BatchSource, SyntheticBatches
+from recipes.config import LoraSection, OptimSection
 from recipes.ema import EMA
+from recipes.engine import Engine, LocalEngine
 from recipes.lora import attach_lora, merge_lora
-from recipes.stage1 import ActivationTap, StudentBank, student_losses
+from recipes.stage1 import ActivationTap, BestStudents, StudentBank, student_losses
 
 
 def grafted_tiny() -> tuple[PixArtSigma, list[str]]:
@@ -60,6 +64,7 @@ def test_synthetic_batches_resume_and_split_across_ranks():
         return SyntheticBatches("dit", (4, 2, 2), batch_size=2, num_samples=16, seed=3, rank=rank,
                                 world_size=world, num_classes=10)
 
+    assert isinstance(source(), BatchSource)
     straight = [b["keys"] for _, b in zip(range(12), source())]
     first = source()
     for _ in zip(range(5), first):
@@ -87,3 +92,48 @@ def test_students_see_the_teachers_own_operator_inputs():
                                    1.0)
     assert records["blocks.2.attn"][1] == (4, 4)
     assert losses["blocks.2.attn"].item() < 1e-6
+
+
+def test_best_students_keep_each_layers_lowest_error_and_resume(tmp_path):
+    teacher = PixArtSigma(PixArtSigma.make_config("tiny", depth=4)).eval()
+    spec = GraftSpec.from_dict({"grafts": [{"type": "mlp", "name": "mlp", "config": {"expansion_ratio": 2},
+                                            "layers": {"indexes": [1, 3]}}]})
+    grafts = spec.targets(teacher)
+    bank = StudentBank(spec.build_operators(teacher), grafts)
+    assert isinstance(LocalEngine(bank, OptimSection(), 10, 1, 0, bf16=False), Engine)
+    losses = {"blocks.1.mlp": "l2", "blocks.3.mlp": "l2"}
+    best = BestStudents(tmp_path / "best", grafts, losses, writes=True)
+    assert best.update(10, {"blocks.1.mlp": 0.5, "blocks.3.mlp": 0.4}) == ["blocks.1.mlp", "blocks.3.mlp"]
+    assert best.update(20, {"blocks.1.mlp": 0.3, "blocks.3.mlp": 0.6}) == ["blocks.1.mlp"]
+    best.save(bank, ["blocks.1.mlp"])
+    saved = read_state_dict(tmp_path / "best" / "blocks.1.mlp.safetensors")
+    assert saved.keys() == bank.students["blocks_1_mlp"].state_dict().keys()
+    record = json.loads((tmp_path / "best" / "blocks.1.mlp.json").read_text())
+    assert (record["rel_err"], record["step"], record["loss"]) == (0.3, 20, "l2")
+
+    resumed = BestStudents(tmp_path / "best", grafts, losses, writes=True)
+    resumed.load_state(json.loads(json.dumps(best.state())))
+    assert resumed.update(30, {"blocks.1.mlp": 0.35, "blocks.3.mlp": 0.45}) == []
+    assert resumed.update(40, {"blocks.1.mlp": 0.35, "blocks.3.mlp": 0.39}) == ["blocks.3.mlp"]
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 20, "train/blocks.1.mlp": 0.125}) + "\n")
+    table = best.table([metrics]).splitlines()
+    assert len(table) == 3 and "blocks.1.mlp" in table[2] and "0.125" in table[2] and "0.3" in table[2]
+
+
+def test_stage2_model_starts_the_same_whatever_the_global_rng(tmp_path):
+    """With a pretrained teacher, fresh operators and LoRA weights come from the recipe seed, not from the state of
+    torch's default generator (seeded at random at start-up), so two stage-2 runs start from the same weights."""
+    from recipes.config import load_recipe
+    from recipes.stage2 import grafted_model
+    from tests.conftest import REPO
+
+    PixArtSigma(PixArtSigma.make_config("tiny", depth=4)).save_diffusers(tmp_path / "teacher")
+    recipe = load_recipe(REPO / "recipes" / "tiny_pixart_hyena_x.yaml", [f"model.pretrained={tmp_path / 'teacher'}"])
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(grafted_model(recipe, students_dir=None)[0].state_dict())
+    assert states[0].keys() == states[1].keys() and any("lora_A" in k for k in states[0])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -5,21 +5,64 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from common.config import ConfigError
 from models.graft import GraftSpec
+from models.operators import SETTINGS_DIR, load_settings, operator_info, settings_operator
+from recipes.builders import FAMILIES
 from recipes.config import load_recipe
 from recipes.distributed import deepspeed_config
 from recipes.engine import lr_factor
 from tests.conftest import REPO
 
-SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.startswith("_"))
+SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
+                 if not p.name.startswith("_") and p.parent != SETTINGS_DIR)
+PRETRAINED = {"dit": "DiT-XL/2", "pixart": "PixArt-Sigma-XL-2-2K-MS"}  # what the recipes' checkpoints hold
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
-def test_shipped_recipes_validate(path):
+def test_shipped_recipes_load_and_their_operators_build(path):
+    """Every recipe names its operator settings by file (never inline), loads, and builds its operators for its
+    model's architecture (on the meta device)."""
     recipe = load_recipe(path)
     assert recipe.name == path.stem if path.parent.name == "recipes" else recipe.name.endswith(path.stem)
+    raw = yaml.safe_load(path.read_text())["graft"]["grafts"]
+    settings = [(path.parent / g["config_filepath"]).resolve() for g in raw]
+    assert all("config" not in g for g in raw) and all(s.parent == SETTINGS_DIR for s in settings)
+    for graft, file in zip(recipe.graft["grafts"], settings):
+        assert graft["config"] == load_settings(file.stem) and graft["name"] == settings_operator(file.stem)
+    family = FAMILIES[recipe.model.family]
+    with torch.device("meta"):
+        model = family(family.make_config(recipe.model.preset or PRETRAINED[recipe.model.family],
+                                          **recipe.model.arch))
+        operators = GraftSpec.from_dict(recipe.graft).build_operators(model)
+    grafts = GraftSpec.from_dict(recipe.graft).targets(model)
+    assert operators and set(operators) == set(grafts)
+    for p, op in operators.items():
+        config = grafts[p].config
+        if grafts[p].name == "mlp":
+            assert op.fc1.out_features == model.config.hidden_size * config["expansion_ratio"]
+        else:
+            assert isinstance(op, operator_info(grafts[p].name).factory())
+
+
+def test_operator_files_are_named_relative_to_the_recipe_that_names_them(tmp_path, monkeypatch):
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "y.yaml").write_text("inner_filter_len: 3\nl_max: 4096\n")
+    base = write(tmp_path / "ops", "base.yaml", BASE.replace("config: {}", "config_filepath: y.yaml"))
+    child = write(tmp_path, "child.yaml", f"base: {base.relative_to(tmp_path)}\nname: child\n")
+    monkeypatch.chdir(tmp_path.parent)  # neither the recipe's folder nor the base's
+    assert load_recipe(child).graft["grafts"][0]["config"] == {"inner_filter_len": 3, "l_max": 4096}
+    monkeypatch.chdir(tmp_path)
+    overriding = BASE.replace("config: {}", "config_filepath: ops/y.yaml, config: {inner_filter_len: 2}")
+    assert load_recipe(write(tmp_path, "o.yaml", overriding)).graft["grafts"][0]["config"] == {
+        "inner_filter_len": 2, "l_max": 4096}
+    given = load_recipe(write(tmp_path, "g.yaml", BASE), [
+        "graft.grafts=[{type: mha, name: hyena_y, config_filepath: ops/y.yaml, layers: {ratio: 0.5}}]"])
+    assert given.graft["grafts"][0]["config"] == {"inner_filter_len": 3, "l_max": 4096}  # from the working dir
+    with pytest.raises(ConfigError, match="'nowhere.yaml' not found"):
+        load_recipe(write(tmp_path, "bad.yaml", BASE.replace("config: {}", "config_filepath: nowhere.yaml")))
 
 
 def test_dit_family_covers_the_papers_table():
@@ -51,7 +94,7 @@ BASE = """
 name: base
 model: {family: dit, preset: tiny}
 graft: {grafts: [{type: mha, name: hyena_y, config: {}, layers: {ratio: 0.5}}]}
-data: {source: synthetic, batch_size: 2}
+data: {source: synthetic, reader: {batch_size: 2}}
 stage2: {optim: {lr: 1.0e-4}}
 """
 
@@ -80,6 +123,12 @@ def test_deepspeed_overrides_merge_into_the_derived_config(tmp_path):
     ("deepspeed: {zero_stage: 5}\n", "zero_stage must be 0..3"),
     ("stage1: {loss: {mha: l3}}\n", "stage1.loss"),
     ("data: {source: shards}\n", "data.train"),
+    ("data: {source: synthetic, reader: {batch_sise: 2}}\n", r"\.data\.reader: unknown key\(s\) \['batch_sise'\]"),
+    ("data: {source: synthetic, reader: {seed: 3}}\n", "data.reader.seed is set by the recipe"),
+    ("data: {source: shards, train: a.tar, reader: {shards: [b.tar]}}\n", "data.reader.shards is set by the recipe"),
+    ("data: {source: synthetic, reader: {epochs: 1}}\n", "data.reader.epochs is set by the recipe"),
+    ("data: {source: synthetic, reader: {kind: text}}\n", "data.reader.kind 'text' does not match a dit model"),
+    ("data: {source: synthetic, reader: {flip: true}}\n", "data.reader.flip needs shards"),
 ])
 def test_bad_recipes_name_the_key_and_file(tmp_path, extra, message):
     path = write(tmp_path, "bad.yaml", BASE + extra)

@@ -15,7 +15,7 @@ def test_demo_on_a_tiny_teacher(shapes_pipeline, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["--out", str(tmp_path / "demo"), "--teacher", str(shapes_pipeline), "--pairs", "32", "--gen-steps", "2",
             "--eval-steps", "2", "--no-proxy", "--set", "stage1.steps=4", "--set", "stage1.eval_every=2",
-            "--set", "stage1.eval_batches=1", "--set", "stage2.steps=4", "--set", "data.batch_size=4"]
+            "--set", "stage1.eval_batches=1", "--set", "stage2.steps=4", "--set", "data.reader.batch_size=4"]
     report = main(args)
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
     text = report.read_text()

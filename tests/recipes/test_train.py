@@ -89,10 +89,13 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     from models.dit import DiT
     from models.operators.hyena import HyenaY
 
-    train(tmp_path, ["stage1.steps=30", "stage2.steps=30", "stage2.log_every=5"],
-          recipe=REPO / "recipes" / "tiny_dit_hyena_y.yaml")
+    run = train(tmp_path, ["stage1.steps=30", "stage2.steps=30", "stage2.log_every=5"],
+                recipe=REPO / "recipes" / "tiny_dit_hyena_y.yaml")
+    for label in ("stage 1 students", "stage 2 model"):  # the logs say which kernels ran: the pure path, on CPU
+        assert f"{label} ran on: CausalDepthwiseConv1d: torch ×2" in run.stderr
     model = DiT.from_pretrained(tmp_path / "export")
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
+    assert "| self-attention | `hyena_y` | 1, 3 | 2 / 4 (50%) |" in (tmp_path / "export" / "README.md").read_text()
     last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
                       weights_only=True)["stage"]["ema"]
     assert torch.equal(model.state_dict()["blocks.1.attn.in_proj.weight"], last["blocks.1.attn.in_proj.weight"])
@@ -100,8 +103,25 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     assert stage2[-1] < stage2[0]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: torchrun starts its workers in sessions of their own, out of its group's reach."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
-    """Start training and kill -9 its whole process group once `checkpoint` is complete."""
+    """Start training and kill -9 the whole job (launcher and workers) once `checkpoint` is complete."""
     process = subprocess.Popen(command(out, sets), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
@@ -109,7 +129,13 @@ def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
         if process.poll() is not None or time.time() > deadline:
             raise AssertionError(f"run ended or timed out before {checkpoint} was written")
         time.sleep(0.02)
+    workers = descendants(process.pid)
     os.killpg(process.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
 
 

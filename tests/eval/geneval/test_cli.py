@@ -12,17 +12,22 @@ from PIL import Image
 from eval.geneval import cli as geneval
 from eval.geneval.prompts import read_object_names
 from eval.rank_wait import wait_for
-from tests.conftest import SHARED
+from tests.conftest import shared_file
 from tests.eval.geneval.tiny_models import write_tiny_clip, write_tiny_mask2former
 
-FILES = SHARED / "geneval"
-RECORDS = [json.loads(line) for line in (FILES / "evaluation_metadata.jsonl").read_text().splitlines()]
+
+def metadata_file():
+    return shared_file("geneval/evaluation_metadata.jsonl")
+
+
+def names_file():
+    return shared_file("geneval/object_names.txt")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Tiny detector and CLIP folders; every query says "fire hydrant", the class of the first colors prompt."""
-    names = read_object_names(FILES / "object_names.txt")
+    names = read_object_names(names_file())
     root = tmp_path_factory.mktemp("geneval-models")
     detector = write_tiny_mask2former(root / "mask2former", names, confident_class=names.index("fire hydrant"))
     return detector, write_tiny_clip(root / "clip")
@@ -32,7 +37,7 @@ def command(out, pipeline, models, *extra) -> list[str]:
     detector, clip = models
     return ["--ckpt", str(pipeline / "transformer"), "--pipeline", str(pipeline), "--out", str(out),
             "--limit", "1", "--samples-per-prompt", "2", "--steps", "2", "--batch-size", "4",
-            "--metadata", str(FILES / "evaluation_metadata.jsonl"), "--object-names", str(FILES / "object_names.txt"),
+            "--metadata", str(metadata_file()), "--object-names", str(names_file()),
             "--detector-path", str(detector), "--clip", str(clip), "--detector-resize", "64", "128", *extra]
 
 
@@ -44,10 +49,11 @@ def run(tmp_path_factory, tiny_pipeline, models):
 
 
 def test_the_whole_command_writes_every_file(run):
+    records = [json.loads(line) for line in metadata_file().read_text().splitlines()]
     indices = [0, 80, 179, 259, 353, 453]  # the first prompt of each tag
     for index in indices:
         folder = run / "images" / f"{index:05d}"
-        assert json.loads((folder / "metadata.jsonl").read_text()) == RECORDS[index]
+        assert json.loads((folder / "metadata.jsonl").read_text()) == records[index]
         assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
         with Image.open(folder / "samples" / "0000.png") as image:
             assert image.size == (64, 64)
@@ -58,7 +64,7 @@ def test_the_whole_command_writes_every_file(run):
     rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and list(rows[0]) == ["filename", "tag", "prompt", "correct", "reason", "metadata",
                                                  "details"]
-    assert [json.loads(r["metadata"]) for r in rows[::2]] == [RECORDS[i] for i in indices]
+    assert [json.loads(r["metadata"]) for r in rows[::2]] == [records[i] for i in indices]
 
     detections = json.loads((run / "detections.json").read_text())
     colors_entry = next(e for e in detections["images"] if e["metadata"]["tag"] == "colors")
@@ -121,7 +127,7 @@ def test_ranks_split_prompts_and_any_folder_can_be_scored(run, tiny_pipeline, mo
     detector, clip = models
     geneval.main(["--stage", "score", "--images", str(out / "images"), "--out", str(out), "--detector-path",
                   str(detector), "--clip", str(clip), "--detector-resize", "64", "128",
-                  "--object-names", str(FILES / "object_names.txt"), "--no-prompt-agnostic-baseline"])
+                  "--object-names", str(names_file()), "--no-prompt-agnostic-baseline"])
     scores = json.loads((out / "scores.json").read_text())
     assert scores["images"] == 4 and list(scores["tags"]) == ["counting", "colors"]
     assert scores["overall_prompt_agnostic_baseline"] is None

@@ -22,10 +22,14 @@ from eval.geneval.detectors import (
     resized_shape,
 )
 from eval.geneval.prompts import read_object_names
-from tests.conftest import SHARED
+from tests.conftest import add_to_hub_cache, shared_file
 from tests.eval.geneval.tiny_models import write_tiny_mask2former
 
-NAMES = read_object_names(SHARED / "geneval" / "object_names.txt")
+
+@pytest.fixture(scope="module")
+def names() -> list[str]:
+    """GenEval's 80 class names, in the detector's class-index order."""
+    return read_object_names(shared_file("geneval/object_names.txt"))
 
 
 def test_resize_matches_mmdet_keep_ratio_scale():
@@ -50,8 +54,8 @@ def test_mask_to_box_adds_one_to_the_far_edges_and_zeros_empty_masks():
     assert mask_to_box(masks).tolist() == [[3.0, 2.0, 9.0, 5.0], [0.0, 0.0, 0.0, 0.0]]
 
 
-def test_instance_postprocess_on_a_hand_made_blob():
-    queries, classes = 3, len(NAMES)
+def test_instance_postprocess_on_a_hand_made_blob(names):
+    queries, classes = 3, len(names)
     class_logits = torch.full((queries, classes + 1), -20.0)
     class_logits[:, -1] = 0.0  # "no object" wins for queries 1 and 2
     class_logits[0, 15] = 10.0  # query 0: cat
@@ -60,7 +64,7 @@ def test_instance_postprocess_on_a_hand_made_blob():
     labels, scores, boxes, masks = instance_postprocess(class_logits, mask_logits, padded=(64, 64),
                                                         resized=(64, 64), original=(32, 32), max_per_image=100)
     assert len(labels) == 100 and masks.shape == (100, 32, 32)
-    assert NAMES[int(labels[0])] == "cat"
+    assert names[int(labels[0])] == "cat"
     prob = torch.softmax(class_logits[0], -1)[15]
     assert prob * 0.97 < scores[0] <= prob  # times the mean sigmoid inside the mask
     assert boxes[0].tolist() == [4.0, 8.0, 20.0, 16.0]  # the blob at 1/2 scale: x 2..10 → 4..20, y 4..8 → 8..16
@@ -77,29 +81,29 @@ def test_instance_postprocess_crops_the_padding_before_resizing():
     assert boxes[0].tolist() == [0.0, 0.0, 8.0, 8.0]
 
 
-def test_group_by_class_keeps_order_and_drops_low_scores():
+def test_group_by_class_keeps_order_and_drops_low_scores(names):
     labels = torch.tensor([15, 16, 15])
     scores = torch.tensor([0.9, 0.2, 0.5])
     boxes = torch.arange(12.0).view(3, 4)
     masks = torch.zeros(3, 4, 4, dtype=torch.bool)
-    grouped = group_by_class(labels, scores, boxes, masks, NAMES, min_score=0.3)
+    grouped = group_by_class(labels, scores, boxes, masks, names, min_score=0.3)
     assert list(grouped) == ["cat"] and [d.score for d in grouped["cat"]] == pytest.approx([0.9, 0.5])
-    assert list(group_by_class(labels, scores, boxes, masks, NAMES)) == ["cat", "dog"]
-    assert list(group_by_class(labels.flip(0) + torch.tensor([1, 0, 0]), scores, boxes, masks, NAMES)) == [
+    assert list(group_by_class(labels, scores, boxes, masks, names)) == ["cat", "dog"]
+    assert list(group_by_class(labels.flip(0) + torch.tensor([1, 0, 0]), scores, boxes, masks, names)) == [
         "cat", "dog"]  # class-index order, whatever the score order
     assert grouped["cat"][1].box == (8.0, 9.0, 10.0, 11.0) and grouped["cat"][0].mask.shape == (4, 4)
 
 
 @pytest.fixture(scope="module")
-def tiny_detector(tmp_path_factory):
-    return write_tiny_mask2former(tmp_path_factory.mktemp("mask2former"), NAMES, confident_class=NAMES.index("cat"))
+def tiny_detector(tmp_path_factory, names):
+    return write_tiny_mask2former(tmp_path_factory.mktemp("mask2former"), names, confident_class=names.index("cat"))
 
 
-def test_tiny_mask2former_loads_from_its_folder_and_detects(tiny_detector):
-    detector = Mask2FormerDetector.from_path(tiny_detector, NAMES, shortest=64, longest=128)
+def test_tiny_mask2former_loads_from_its_folder_and_detects(tiny_detector, names):
+    detector = Mask2FormerDetector.from_path(tiny_detector, names, shortest=64, longest=128)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     found = detector.detect(image)
-    assert set(found) <= set(NAMES) and "cat" in found
+    assert set(found) <= set(names) and "cat" in found
     assert sum(map(len, found.values())) <= 100  # mmdet's max_per_image over 8 queries × 80 classes
     for dets in found.values():
         for d in dets:
@@ -107,31 +111,39 @@ def test_tiny_mask2former_loads_from_its_folder_and_detects(tiny_detector):
             x1, y1, x2, y2 = d.box
             assert 0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 48
     assert detector.info["backend"] == "mask2former-transformers" and detector.info["resize"] == [64, 128]
-    confident = Mask2FormerDetector.from_path(tiny_detector, NAMES, shortest=64, longest=128, min_score=0.3)
+    confident = Mask2FormerDetector.from_path(tiny_detector, names, shortest=64, longest=128, min_score=0.3)
     assert all(d.score > 0.3 for dets in confident.detect(image).values() for d in dets)
 
 
-def test_loader_errors_name_the_problem(tiny_detector, tmp_path):
+def test_loader_errors_name_the_problem(tiny_detector, tmp_path, names):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Mask2FormerDetector.from_path(tmp_path, NAMES)
+        Mask2FormerDetector.from_path(tmp_path, names)
     with pytest.raises(ValueError, match="80 classes"):
-        Mask2FormerDetector.from_path(tiny_detector, NAMES[:10])
+        Mask2FormerDetector.from_path(tiny_detector, names[:10])
 
 
-def test_mmdet_results_convert_per_class_in_order():
-    bbox = [np.zeros((0, 5), np.float32) for _ in NAMES]
+def test_a_cached_hub_repo_id_loads_like_its_folder(tiny_detector, tmp_path, monkeypatch, names):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    add_to_hub_cache(tmp_path, "facebook/mask2former-swin-small-coco-instance", tiny_detector)
+    cached = Mask2FormerDetector.from_path("facebook/mask2former-swin-small-coco-instance", names)
+    local = Mask2FormerDetector.from_path(tiny_detector, names)
+    assert all(torch.equal(a, b) for a, b in zip(cached.model.state_dict().values(), local.model.state_dict().values()))
+
+
+def test_mmdet_results_convert_per_class_in_order(names):
+    bbox = [np.zeros((0, 5), np.float32) for _ in names]
     bbox[15] = np.array([[1, 2, 3, 4, 0.9], [5, 6, 7, 8, 0.4]], np.float32)
-    segm = [[] for _ in NAMES]
+    segm = [[] for _ in names]
     segm[15] = [np.ones((10, 10), bool), np.zeros((10, 10), bool)]
-    found = from_mmdet_result((bbox, segm), NAMES)
+    found = from_mmdet_result((bbox, segm), names)
     assert list(found) == ["cat"] and found["cat"][0].box == (1.0, 2.0, 3.0, 4.0)
     assert found["cat"][1].score == pytest.approx(0.4) and not found["cat"][1].mask.any()
-    assert from_mmdet_result(bbox, NAMES)["cat"][0].mask is None  # a box-only result
+    assert from_mmdet_result(bbox, names)["cat"][0].mask is None  # a box-only result
     with pytest.raises(ValueError, match="classes"):
-        from_mmdet_result(bbox[:3], NAMES)
+        from_mmdet_result(bbox[:3], names)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is not None, reason="mmdet is installed")
-def test_mmdet_backend_says_how_to_install_when_missing():
+def test_mmdet_backend_says_how_to_install_when_missing(names):
     with pytest.raises(ImportError, match="mmdet 2.x"):
-        MMDetDetector("config.py", "model.pth", NAMES, "cpu")
+        MMDetDetector("config.py", "model.pth", names, "cpu")

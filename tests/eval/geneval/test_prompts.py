@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -15,20 +16,23 @@ from eval.geneval.prompts import (
     select_prompts,
     tag_order,
 )
-from tests.conftest import SHARED
-
-FILES = SHARED / "geneval"
+from tests.conftest import shared_file
 
 
-def test_the_shared_copies_are_the_pinned_official_files():
-    assert file_sha256(FILES / METADATA[0]) == METADATA[2]
-    assert file_sha256(FILES / OBJECT_NAMES[0]) == OBJECT_NAMES[2]
-    assert official_file(METADATA, FILES / METADATA[0]) == FILES / METADATA[0]
+def official(spec) -> Path:
+    """The test copy of an official file (`METADATA` or `OBJECT_NAMES`)."""
+    return shared_file(f"geneval/{spec[0]}")
+
+
+def test_local_copies_are_accepted_after_checking_their_hash():
+    assert file_sha256(official(METADATA)) == METADATA[2]
+    assert official_file(METADATA, official(METADATA)) == official(METADATA)
+    assert official_file(OBJECT_NAMES, official(OBJECT_NAMES)) == official(OBJECT_NAMES)
 
 
 def test_prompt_set_invariants():
-    records = read_metadata(official_file(METADATA, FILES / METADATA[0]))
-    names = read_object_names(official_file(OBJECT_NAMES, FILES / OBJECT_NAMES[0]))
+    records = read_metadata(official(METADATA))
+    names = read_object_names(official(OBJECT_NAMES))
     assert len(records) == 553 and len(names) == 80 and names[64:67] == ["computer mouse", "tv remote",
                                                                           "computer keyboard"]
     assert Counter(r["tag"] for r in records) == {"single_object": 80, "two_object": 99, "counting": 80,
@@ -55,7 +59,7 @@ def test_a_wrong_file_is_an_error(tmp_path):
 
 
 def test_fetched_once_into_the_cache_then_verified(tmp_path):
-    spec = (METADATA[0], (FILES / METADATA[0]).as_uri(), METADATA[2])  # a file:// URL stands in for GitHub
+    spec = (METADATA[0], official(METADATA).as_uri(), METADATA[2])  # a file:// URL stands in for GitHub
     cached = official_file(spec, cache_dir=tmp_path)
     assert cached == tmp_path / METADATA[0] and file_sha256(cached) == METADATA[2]
     offline = (METADATA[0], (tmp_path / "nowhere").as_uri(), METADATA[2])
@@ -68,7 +72,7 @@ def test_fetched_once_into_the_cache_then_verified(tmp_path):
 
 
 def test_select_by_tag_and_first_n_per_tag():
-    prompts = list(enumerate(read_metadata(FILES / METADATA[0])))
+    prompts = list(enumerate(read_metadata(official(METADATA))))
     smoke = select_prompts(prompts, limit=2)
     assert [i for i, _ in smoke] == [0, 1, 80, 81, 179, 180, 259, 260, 353, 354, 453, 454]
     assert [i for i, _ in select_prompts(prompts, tags=["counting", "position"], limit=1)] == [179, 353]

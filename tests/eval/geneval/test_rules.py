@@ -13,17 +13,24 @@ from eval.geneval.rules import (
     compute_iou,
     details_json,
     evaluate,
-    filter_detections,
+    rank_detections,
     relative_position,
+    select_detections,
 )
-from tests.conftest import SHARED
+from tests.conftest import shared_file
 
 
 def det(box=(0, 0, 10, 10), score=0.9, color=None) -> Detection:
     return Detection(tuple(float(v) for v in box), score, color=color)
 
 
-# --- filter_detections ---------------------------------------------------------------------------------------------
+def filter_detections(detections, threshold, max_objects=16, max_overlap=1.0):
+    """Upstream's whole post-filter on a detector's output: rank, then select."""
+    return select_detections(rank_detections(detections, threshold, max_objects), threshold, max_objects,
+                             max_overlap)
+
+
+# --- rank_detections / select_detections ---------------------------------------------------------------------------
 
 def test_threshold_is_strict_and_counting_has_its_own():
     dets = {"cat": [det(score=0.3), det(score=0.31), det(score=0.95), det(score=0.9)]}
@@ -47,6 +54,25 @@ def test_tied_scores_keep_the_later_detection_first_like_argsort_reversed():
     a, b, c = det((0, 0, 1, 1), 0.5), det((2, 2, 3, 3), 0.5), det((4, 4, 5, 5), 0.7)
     assert filter_detections({"cat": [a, b, c]}, 0.3)["cat"] == [c, b, a]
     assert np.argsort([0.5, 0.5, 0.7])[::-1].tolist() == [2, 1, 0]  # upstream's expression on a small array
+
+
+def test_scores_tie_and_pass_the_threshold_in_float32_like_upstreams_arrays():
+    a, b = det((0, 0, 1, 1), 0.8), det((2, 2, 3, 3), 0.80000001)  # distinct in float64, equal in float32
+    assert rank_detections({"cat": [a, b]}, 0.3)["cat"] == [b, a]
+    assert rank_detections({"cat": [b, a]}, 0.3)["cat"] == [a, b]
+    at_threshold = float(np.float32(0.3))  # 0.30000001192…: above 0.3 in float64, equal to it in float32
+    assert rank_detections({"cat": [det(score=at_threshold)]}, 0.3) == {}
+    assert select_detections({"cat": [det(score=at_threshold)]}, 0.3) == {}
+
+
+def test_selection_keeps_the_ranked_order_of_ties_and_refuses_unranked_lists():
+    red, blue = det((0, 0, 1, 1), 0.5, "red"), det((2, 2, 3, 3), 0.5, "blue")
+    ranked = rank_detections({"cat": [red, blue]}, 0.3)
+    assert ranked["cat"] == [blue, red]
+    assert select_detections(ranked, 0.3)["cat"] == [blue, red]  # a second sort would give [red, blue]
+    assert select_detections(select_detections(ranked, 0.3), 0.3)["cat"] == [blue, red]
+    with pytest.raises(ValueError, match="descending score order"):
+        select_detections({"cat": [det(score=0.4), det(score=0.6)]}, 0.3)
 
 
 def test_nms_is_off_by_default_and_uses_plus_one_areas_when_on():
@@ -98,6 +124,19 @@ def test_division_is_by_the_original_offset_norm():
     assert relative_position(a, b) == set()  # 6 / 14.14 = 0.42; dividing by |revised| would say "right of"
 
 
+def test_position_is_decided_in_float32_on_the_half_boundary():
+    """Whole-pixel boxes whose dy is 0.50000002 in float64 and exactly 0.5 in float32 (upstream's box dtype):
+    centres (1466, 1495) and (709.5, 1004.5), offset (756.5, 490.5), revised dy 490.5 - 0.1 · 397 = 450.8 over
+    the norm 901.6. Upstream finds no "below"; float64 arithmetic would."""
+    a, b = (1373, 1300, 1559, 1690), (235, 1001, 1184, 1008)
+    assert relative_position(a, b) == {"right of"}
+    assert relative_position(b, a) == {"left of"}
+    meta = record("position", [{"class": "cat", "count": 1},
+                               {"class": "dog", "count": 1, "position": ["below", 0]}])
+    assert evaluate({"cat": [det(b)], "dog": [det(a)]}, meta) == (False, "expected dog below target, found right "
+                                                                          "of target")
+
+
 # --- evaluate ------------------------------------------------------------------------------------------------------
 
 def record(tag, include, exclude=None):
@@ -142,9 +181,11 @@ def test_colour_reason_lists_colours_in_color_order():
 
 
 def test_tied_scores_decide_which_object_is_coloured():
-    meta = record("colors", [{"class": "cat", "count": 1, "color": "red"}])
     tied = filter_detections({"cat": [det(score=0.5, color="red"), det(score=0.5, color="blue")]}, 0.3)
-    assert evaluate(tied, meta)[0] is False  # the later of two tied detections is the top one
+    red = record("colors", [{"class": "cat", "count": 1, "color": "red"}])
+    blue = record("colors", [{"class": "cat", "count": 1, "color": "blue"}])
+    assert evaluate(tied, red)[0] is False  # the later of two tied detections is the top one
+    assert evaluate(tied, blue) == (True, "")
 
 
 def test_color_attr_needs_each_class_in_its_own_colour():
@@ -192,7 +233,7 @@ def test_a_missing_colour_is_an_error_not_a_wrong_answer():
 
 
 def test_official_records_parse_and_score():
-    lines = (SHARED / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines()
+    lines = shared_file("geneval/evaluation_metadata.jsonl").read_text().splitlines()
     position = next(r for r in map(json.loads, lines) if r["tag"] == "position")
     assert isinstance(position["include"][1]["position"], list)
     ref, other = position["include"][0]["class"], position["include"][1]["class"]

@@ -42,6 +42,15 @@ class CentreColor:
         return ["red" if c.getpixel((c.width // 2, c.height // 2)) == (255, 0, 0) else "black" for c in crops]
 
 
+class CentreRGB:
+    """Red or blue by the crop's centre pixel."""
+
+    info = {"backend": "centre pixel"}
+
+    def classify(self, crops, colors, class_name):
+        return ["red" if c.getpixel((c.width // 2, c.height // 2))[0] > 128 else "blue" for c in crops]
+
+
 def red_cat_image():
     pixels = np.full((32, 32, 3), 255, np.uint8)
     pixels[8:16, 8:16] = (255, 0, 0)
@@ -91,6 +100,27 @@ def test_detections_file_round_trip_rescores_identically(tmp_path):
     stricter = ScoringOptions(threshold=0.6)
     reloaded, _ = load_detections(tmp_path / "detections.json", stricter)
     assert score_image(reloaded[2], stricter)["correct"] is False  # the 0.5 dog no longer counts
+
+
+def test_a_tie_between_a_blue_and_a_red_object_scores_like_upstream_after_storing_and_rescoring(tmp_path):
+    """Upstream puts the later of two tied detections first, so here the blue cat is the one CLIP's colour is
+    checked on. Sorting the stored list again at scoring time would bring the red one back to the top."""
+    image = Image.new("RGB", (32, 32), (0, 0, 255))
+    pixels = np.array(image)
+    pixels[:, :16] = (255, 0, 0)
+    image = Image.fromarray(pixels)
+    found = {"cat": [Detection((0, 0, 16, 32), 0.75), Detection((16, 0, 32, 32), 0.75)]}
+    blue_cat = {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "blue"}],
+                "prompt": "a photo of a blue cat"}
+    stored = detect_image(image, blue_cat, FakeDetector(found), CentreRGB(), ScoringOptions())
+    assert [d.color for d in stored["cat"]] == ["blue", "red"]
+    images = [ImageDetections("tie.png", blue_cat, stored)]
+    assert score_image(images[0])["correct"] is True
+    save_detections(tmp_path / "d.json", images, ScoringOptions(), {})
+    loaded, _ = load_detections(tmp_path / "d.json", ScoringOptions())
+    assert score_image(loaded[0])["correct"] is True
+    red_cat = {**blue_cat, "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a photo of a red cat"}
+    assert score_image(loaded[0], metadata=red_cat)["correct"] is False
 
 
 @pytest.mark.parametrize("pairs, problem", [(["threshold=0.2"], "thresholds below 0.3"),
