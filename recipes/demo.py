@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from common.files import save_json, save_text
 from common.runtime import setup_logging
 from data import shapes_data
@@ -142,9 +144,11 @@ def main(argv: list[str] | None = None) -> Path:
              [py, "-m", "eval.speed", "--model", "full", "--device", "cpu", "--ckpt", str(teacher / "transformer"),
               "--grafted-ckpt", str(graft_dir / "export"), "--batch", "8", "--repeats", "10",
               "--sampling-repeats", "2", "--out", str(out / "speed")])
-    if args.proxy:
+    if args.proxy:  # the recipe's graft rule (e.g. every other block), not the export's block indexes: other depth
+        rule = out / "speed_proxy" / "graft.yaml"
+        save_text(yaml.safe_dump(recipe.graft, sort_keys=False), rule)
         run.step("speed proxy", out / "speed_proxy" / "speed.json",
-                 [py, "-m", "eval.speed", "--model", "proxy", "--graft", str(graft_dir / "export" / "graft.yaml"),
+                 [py, "-m", "eval.speed", "--model", "proxy", "--graft", str(rule),
                   "--warmup", "1", "--repeats", "3", "--sampling-repeats", "0", "--out", str(out / "speed_proxy")])
     report = write_report(out, shared, teacher, recipe, args.title, time.perf_counter() - started)
     print(report)
