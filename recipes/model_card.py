@@ -349,7 +349,8 @@ def evaluation_section(folder: Path, family: Family) -> tuple[list[str], list[Ev
                  f"{r['sampling_median_s']:.2f}" if r.get("sampling_median_s") else "–",
                  f"{r['sampling_speedup']:.2f}×" if r.get("sampling_speedup") else "–"] for r in speed["rows"]]
         lines += [f"**Speed** on {s['device']} ({s['dtype'].removeprefix('torch.')}, batch {s['batch']}, "
-                  f"{s['tokens']:,} tokens = {s['image_side']}² px, {s['steps']}-step sampling with CFG {s['cfg']}):",
+                  f"{s['tokens']:,} tokens (latent {s['latent_side']}²), {s['steps']}-step sampling with CFG "
+                  f"{s['cfg']}):",
                   "", markdown_table(["model", "forward ms", "speed-up", "sampling s", "speed-up"], rows, "lrrrr"),
                   "", f"FLOP-bound speed-up {speed['flop_bound_speedup']:.2f}×. `card/{REPORTS['speed']}` "
                   "(`python eval/speed.py`).", ""]
