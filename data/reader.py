@@ -345,4 +345,3 @@ def _end_with_the_reader(worker_id: int) -> None:
 def _comparable(fingerprint: dict) -> dict:
     """Tuples and lists compare equal (a state may have been through JSON or YAML)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fingerprint.items()}
-

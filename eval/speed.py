@@ -16,8 +16,9 @@ allocates above the weights (`eval.measure.peak_memory`): one inference forward,
 backward (activations and gradients).
 
 Random weights are used unless `--ckpt` is given: latency does not depend on the values. Captions are random
-T5-sized features, 300 tokens, mask all ones. Sampling is `models.sampling.sample_pixart` (DPM-Solver++, CFG 4.5,
-so each step runs the transformer on 2 × batch); T5 and the VAE decode are not timed.
+T5-sized features, the model's `model_max_length` tokens (300 for PixArt-Sigma), mask all ones. Sampling is
+`models.sampling.sample_pixart` (DPM-Solver++, CFG 4.5, so each step runs the transformer on 2 × batch); T5 and
+the VAE decode are not timed.
 
 On CUDA every module with an optional kernel (`models.operators.kernels`) must have run one (or the compiled
 path); if one ran the pure-PyTorch fallback, the speed-ups are withheld, since they would measure a missing
@@ -52,7 +53,7 @@ from common.files import save_json, save_text
 from common.runtime import parse_dtype, pick_device, setup_logging
 from eval import speed_pairs
 from eval.flops import meta_forward_flops, pixart_forward_flops
-from eval.inputs import CAPTION_TOKENS, random_inputs
+from eval.inputs import random_inputs
 from eval.measure import Ratio, machine_load, op_profile, peak_memory, time_alternating, warn_cpu_clock_threads
 from eval.speed_report import markdown_report
 from models import compile as compiling
@@ -209,7 +210,7 @@ def check_same_config(baseline: PixArtConfig, grafted: PixArtConfig, where: Path
 def check_flops(config: PixArtConfig, batch: int, hw: tuple[int, int], graft: GraftSpec | None, analytic: int
                 ) -> None:
     """Compare the analytic count with torch's meta-device counter; warn (the bound may be off) if they differ."""
-    counted = meta_forward_flops(config, batch, hw, CAPTION_TOKENS, graft)
+    counted = meta_forward_flops(config, batch, hw, config.model_max_length, graft)
     if counted == analytic:
         log.info("analytic FLOPs match torch's FLOP counter on the meta device (%.4g TFLOP)", analytic / 1e12)
     else:
@@ -291,7 +292,8 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
     variants = build_variants(args, config, device, dtype)
     config = variants[0].model.config
     hw = (config.sample_size // config.patch_size,) * 2
-    flops = {v.name: pixart_forward_flops(config, args.batch, hw, CAPTION_TOKENS, v.graft) for v in variants}
+    flops = {v.name: pixart_forward_flops(config, args.batch, hw, config.model_max_length,
+                                         v.graft) for v in variants}
     for v in variants:
         check_flops(config, args.batch, hw, v.graft, flops[v.name]["total"])
     inputs = random_inputs(config, args.batch, device, dtype)
@@ -311,7 +313,7 @@ def measure(args: argparse.Namespace, kind: str, device: torch.device, dtype: to
         "setup": {
             "model": kind, "preset": FULL_PRESET, "overrides": {"proxy": PROXY_OVERRIDES,
                                                                 "dry-run": DRY_RUN_OVERRIDES}.get(kind, {}),
-            "tokens": hw[0] * hw[1], "image_side": config.sample_size * 8, "hidden_size": config.hidden_size,
+            "tokens": hw[0] * hw[1], "latent_side": config.sample_size, "hidden_size": config.hidden_size,
             "depth": config.depth, "num_heads": config.num_heads, "batch": args.batch, "dtype": str(dtype),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpus": torch.get_num_threads() if device.type != "cuda" else None, "torch": torch.__version__,

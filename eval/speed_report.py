@@ -37,7 +37,7 @@ def heading(report: dict) -> str:
                  if None not in load else "")
     threads = f", {s['cpus']} threads" if s["cpus"] else ""
     lines.append(f"{s['device']}{threads}, {s['dtype'].removeprefix('torch.')}, batch {s['batch']}, {s['tokens']} "
-                 f"tokens ({s['image_side']}² pixels), depth {s['depth']}, width {s['hidden_size']}, {s['weights']} "
+                 f"tokens (latent {s['latent_side']}²), depth {s['depth']}, width {s['hidden_size']}, {s['weights']} "
                  f"weights, torch {s['torch']}; medians over {s['repeats']} forward / {s['sampling_repeats']} "
                  f"sampling rounds ({s['steps']} steps, CFG {s['cfg']}: transformer batch {cfg_batch}){load_text}. "
                  "Speed-ups: median of the per-round ratios to the baseline of the same mode, (lowest–highest)."

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from common.config import ConfigError
 from common.runtime import Rank, parse_dtype
 from data.reader import ReaderConfig, ShardLoader
+from models.diffusion import GaussianDiffusion, NoiseSchedule
 from models.dit import DiT
 from models.pixart import PixArtSigma
 from models.pretrained import PretrainedModel
@@ -25,6 +27,18 @@ def build_teacher(recipe: Recipe) -> PretrainedModel:
         return cls.from_pretrained(section.pretrained, preset=section.preset, ema=section.ema, **section.arch)
     torch.manual_seed(section.init_seed)
     return cls(cls.make_config(section.preset, **section.arch)).eval()
+
+
+def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
+    """The recipe's training objective: the teacher's noise schedule (from its pipeline folder's scheduler config
+    when it has one, else PixArt-Sigma's / DiT's) with the recipe's `diffusion` keys on top."""
+    section = recipe.diffusion
+    pretrained = Path(recipe.model.pretrained) if recipe.model.pretrained else None
+    schedule = NoiseSchedule.from_pipeline(pretrained) if pretrained and pretrained.is_dir() else NoiseSchedule()
+    keys = ("prediction_type", "beta_schedule", "beta_start", "beta_end")
+    overrides = {k: getattr(section, k) for k in keys if getattr(section, k) is not None}
+    schedule = replace(schedule, **overrides)
+    return GaussianDiffusion(schedule, section.min_snr_gamma)
 
 
 def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: int, split: str = "train",

@@ -51,6 +51,19 @@ class DataSection:
 
 
 @dataclass
+class DiffusionSection:
+    """The training objective. Unset schedule keys come from the teacher's pipeline folder (its
+    `scheduler/scheduler_config.json`, e.g. the shapes teacher's v-prediction on the cosine schedule), else they
+    are PixArt-Sigma's and DiT's own: ε (+ VLB for a learned σ) on the linear β schedule."""
+
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); None: unweighted
+
+
+@dataclass
 class OptimSection:
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -91,8 +104,27 @@ class LoraSection:
 
 
 @dataclass
+class EvalSection:
+    """GenEval every `every` steps of stage 2 on the EMA weights (images split across ranks, scored on rank 0),
+    for worlds with an exact detector. Each set is a GenEval metadata file or `WORLD:SPLIT` (e.g. `shapes:val`);
+    the checkpoint that scores best on `select` is exported to `stage2/best/`."""
+
+    pipeline: str  # text encoder, tokenizer, codec and scheduler to sample with (a pipeline folder)
+    every: int = 500
+    world: Literal["shapes"] = "shapes"
+    sets: dict[str, str] = field(default_factory=lambda: {"val": "shapes:val"})
+    select: str = "val"
+    samples_per_prompt: int = 4
+    seed: int = 42
+    steps: int = 20
+    cfg: float = 4.5
+    batch_size: int = 32
+
+
+@dataclass
 class Stage2Section:
-    """Finetuning of the grafted model with its own diffusion objective, in full or with LoRA."""
+    """Finetuning of the grafted model with its own diffusion objective, in full or with LoRA; with no graft and no
+    pretrained weights, this trains a model from scratch (the shapes teacher)."""
 
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
@@ -100,10 +132,12 @@ class Stage2Section:
     mode: Literal["full", "lora"] = "full"
     lora: LoraSection = field(default_factory=LoraSection)
     ema_decay: float | None = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)): for training from scratch
     gradient_checkpointing: bool = False
     log_every: int = 10
     checkpoint_every: int = 500
     compile: bool = False  # torch.compile the grafted model (for training)
+    eval: EvalSection | None = None
 
 
 @dataclass
@@ -118,10 +152,11 @@ class DeepSpeedSection:
 class Recipe:
     name: str
     model: ModelSection
-    graft: dict[str, Any]  # a graft spec (models.graft), inline
+    graft: dict[str, Any] | None  # a graft spec (models.graft), inline; null trains the model as it is
     output_dir: str = "runs/${name}"
     seed: int = 0
     keep_checkpoints: int = 3
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     data: DataSection = field(default_factory=DataSection)
     stage1: Stage1Section = field(default_factory=Stage1Section)
     stage2: Stage2Section = field(default_factory=Stage2Section)
@@ -184,12 +219,16 @@ def _blame(err: ConfigError, origin: str, path: Path) -> ConfigError:
 
 def validate(recipe: Recipe, sources: Sources) -> None:
     """Cross-field checks a type system cannot express."""
-    spec = GraftSpec.from_dict(recipe.graft, where=f"{sources.of('graft')}: graft")
+    spec = None if recipe.graft is None else GraftSpec.from_dict(recipe.graft, where=f"{sources.of('graft')}: graft")
+    evaluation = recipe.stage2.eval
+    if evaluation is not None and evaluation.select not in evaluation.sets:
+        raise sources.error("stage2.eval.select", f"{evaluation.select!r} is not one of stage2.eval.sets "
+                            f"{sorted(evaluation.sets)}")
     bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in GRAFT_TYPES or v not in
                   ("l1", "l2", "huber")}
     if bad_losses:
         raise sources.error("stage1.loss", f"{bad_losses}: keys {'/'.join(GRAFT_TYPES)}, values l1/l2/huber")
-    unset = sorted({g.type for g in spec.grafts} - set(recipe.stage1.loss))
+    unset = sorted({g.type for g in spec.grafts} - set(recipe.stage1.loss)) if spec else []
     if unset:
         raise sources.error("stage1.loss", f"no loss for the graft's {unset} students")
     for stage in ("stage1", "stage2"):

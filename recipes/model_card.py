@@ -421,7 +421,8 @@ def speed_section(speed: dict[str, Any], graft: GraftSpec | None) -> list[str]:
             rows.append(cells)
     bound = next(row["flop_bound"] for row in speed["rows"] if row["graft"] == ours)
     return [f"**Speed** on {s['device']} ({s['dtype'].removeprefix('torch.')}, batch {s['batch']}, "
-            f"{s['tokens']:,} tokens = {s['image_side']}² px, {s['steps']}-step sampling with CFG {s['cfg']}):", "",
+            f"{s['tokens']:,} tokens (latent {s['latent_side']}²), {s['steps']}-step sampling with CFG "
+            f"{s['cfg']}):", "",
             markdown_table(["model", "mode", "forward ms", "speed-up", "sampling s", "speed-up"], rows, "llrrrr"),
             "", f"FLOP-bound speed-up {bound:.2f}×. Speed-ups are medians of per-round ratios to the baseline of "
             f"the same mode (lowest–highest round). `card/{REPORTS['speed']}` (`python eval/speed.py`).", ""]

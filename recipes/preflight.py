@@ -12,7 +12,7 @@ import torch
 from common.config import ConfigError
 from common.hub import local_path
 from data.reader import resolve_shards
-from models.graft import GraftSpec
+from models.graft import Graft, GraftSpec
 from models.pretrained import PretrainedModel, component_folder
 from models.weights import CheckpointError, check_safetensors, read_state_dict
 from recipes.builders import FAMILIES, check_reader_fits, model_latent_size
@@ -22,16 +22,22 @@ from recipes.validation import Sources
 SHARD_KEYS = ("data.train", "data.val", "stage1.shards", "stage2.shards")
 
 
+def graft_targets(recipe: Recipe, sources: Sources, model: torch.nn.Module) -> dict[str, Graft]:
+    """The modules the graft replaces (none for a recipe without a graft), checked against the model's depth."""
+    if recipe.graft is None:
+        return {}
+    try:
+        return GraftSpec.from_dict(recipe.graft, where="graft").targets(model)
+    except ConfigError as err:
+        raise ConfigError(f"{sources.of('graft')}: graft: {err}") from None
+
+
 def check_inputs(recipe: Recipe, sources: Sources, world_size: int, students: Path | None = None) -> None:
     """Everything `train` would find wrong later, now. `students`: the stage-1 students stage 2 starts from, when
     only stage 2 runs (they must all be there)."""
     model = meta_model(recipe, sources)
-    try:
-        spec = GraftSpec.from_dict(recipe.graft, where="graft")
-        targets = spec.targets(model)
-    except ConfigError as err:
-        raise ConfigError(f"{sources.of('graft')}: graft: {err}") from None
-    if recipe.stage1.mode == "split" and len(targets) < world_size:
+    targets = graft_targets(recipe, sources, model)
+    if recipe.graft is not None and recipe.stage1.mode == "split" and len(targets) < world_size:
         raise sources.error("stage1.mode", f"split gives each rank its own students, but {len(targets)} students "
                                            f"cannot cover {world_size} ranks; use fewer ranks or data_parallel")
     try:
@@ -44,7 +50,8 @@ def check_inputs(recipe: Recipe, sources: Sources, world_size: int, students: Pa
     check_shards(recipe, sources, world_size)
     if recipe.data.null_caption and recipe.model.family == "pixart":
         check_null_caption(recipe, sources, model.config.caption_channels)
-    for i, graft in enumerate(spec.grafts):
+    grafts = [] if recipe.graft is None else GraftSpec.from_dict(recipe.graft, where="graft").grafts
+    for i, graft in enumerate(grafts):
         for block, file in sorted(graft.weights.items()):
             if not Path(file).is_file():
                 raise sources.error("graft", f"grafts[{i}].weights[{block}]: no such file {file}")

@@ -208,7 +208,8 @@ def input_hashes(recipe: Recipe, students: Path | None, cache: HashCache) -> dic
         hashes["model.pretrained" + CONTENTS] = model_sha256(recipe.model.pretrained, "transformer")
     if recipe.data.null_caption:
         hashes["data.null_caption" + CONTENTS] = cache.file(Path(recipe.data.null_caption))
-    weights = [Path(w) for g in recipe.graft.get("grafts", []) for _, w in sorted((g.get("weights") or {}).items())]
+    grafts = (recipe.graft or {}).get("grafts", [])
+    weights = [Path(w) for g in grafts for _, w in sorted((g.get("weights") or {}).items())]
     if weights:
         hashes["graft.grafts" + CONTENTS] = cache.files(weights)
     if recipe.data.source == "shards":

@@ -27,7 +27,7 @@ from models.parallel_blocks import pair_paths
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import BatchSource, call_model, noise_batch, to_device
-from recipes.builders import build_source, build_teacher
+from recipes.builders import build_diffusion, build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
 from recipes.distributed import barrier
@@ -219,7 +219,7 @@ class Distiller:
                         self.dtype == torch.bfloat16) if self.split
             else deepspeed_engine(self.bank, recipe, self.cfg.optim, self.cfg.steps, world_size))
         self.tap = ActivationTap(self.teacher, self.paths)
-        self.diffusion = GaussianDiffusion()
+        self.diffusion = build_diffusion(recipe)
         self.data_rank, self.data_world = (0, 1) if self.split else (rank, world_size)
         self.losses = {p: self.cfg.loss[grafts[p].type] for p in self.paths}
         self.writes = self.split or rank == 0  # writes the best students and the logs of its students

@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def students_dir(students: str | None, recipe: Recipe) -> Path | None:
-    """The students stage 2 starts from: `--students`, else this recipe's stage-1 output; none for `fresh`."""
-    if students == FRESH:
+    """The students stage 2 starts from: `--students`, else this recipe's stage-1 output; none for `fresh` or a
+    recipe without a graft."""
+    if students == FRESH or recipe.graft is None:
         return None
     return Path(students) if students else best_dir(recipe)
 
@@ -124,7 +125,9 @@ def run_stages(args: argparse.Namespace, recipe: Recipe, rank: int, world_size: 
     from recipes.stage2 import run_stage2
 
     out = recipe.out
-    if args.stage == "all" and args.students == FRESH:
+    if recipe.graft is None:
+        log.info("the recipe has no graft: stage 1 has nothing to distil; stage 2 trains the model as it is")
+    elif args.stage == "all" and args.students == FRESH:
         log.info("--students fresh: stage 1 is skipped (fresh operators, no distillation)")
     elif args.stage in ("1", "all"):
         if stage_done(out, "stage1", record.run_id):

@@ -64,6 +64,29 @@ def read_metadata(path: str | Path) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
 
 
+def check_records(records: Sequence[dict], class_names: Sequence[str], where: str) -> None:
+    """Refuse prompt records the rules cannot score: a missing prompt or tag, an include or exclude without a
+    known class and a positive count, a position that does not name an earlier include. Errors name the line."""
+    known = set(class_names)
+    for line, record in enumerate(records, start=1):
+        at = f"{where}:{line}"
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
+            raise ValueError(f"{at}: a GenEval record needs 'tag', 'prompt' and 'include'")
+        clauses = record.get("include")
+        if not isinstance(clauses, list) or not clauses:
+            raise ValueError(f"{at}: 'include' must be a non-empty list")
+        for i, req in enumerate(clauses + list(record.get("exclude", []))):
+            if not isinstance(req, dict) or req.get("class") not in known:
+                raise ValueError(f"{at}: class {req.get('class') if isinstance(req, dict) else req!r} is not one "
+                                 f"of the detector's classes ({', '.join(sorted(known)[:8])}, …)")
+            if not isinstance(req.get("count"), int) or req["count"] < 1:
+                raise ValueError(f"{at}: {req['class']!r} needs a positive integer 'count'")
+            position = req.get("position")
+            if position is not None and not (isinstance(position, list) and len(position) == 2
+                                             and isinstance(position[1], int) and 0 <= position[1] < i):
+                raise ValueError(f"{at}: position {position!r} must be [relation, index of an earlier include]")
+
+
 def read_object_names(path: str | Path) -> list[str]:
     """Class names in the detector's class-index order (GenEval's spellings of the 80 COCO classes)."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
