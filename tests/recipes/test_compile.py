@@ -16,6 +16,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 TINY = REPO / "recipes" / "tiny_pixart_hyena_x.yaml"
+RUN_ID = "test-run"  # what recipes.train gives each run (recipes.run_identity); checkpoints carry it
 
 
 @pytest.fixture
@@ -41,9 +42,9 @@ def losses(metrics_file) -> list[float]:
 
 
 def test_stage1_compiles_the_teacher_for_inference_and_the_students_for_training(tmp_path, compiled_modules):
-    eager = losses(run_stage1(recipe(tmp_path / "eager", False), 0, 1, None).parent / "metrics.jsonl")
+    eager = losses(run_stage1(recipe(tmp_path / "eager", False), 0, 1, None, RUN_ID).parent / "metrics.jsonl")
     assert compiled_modules == []
-    compiled = losses(run_stage1(recipe(tmp_path / "compiled", True), 0, 1, None).parent / "metrics.jsonl")
+    compiled = losses(run_stage1(recipe(tmp_path / "compiled", True), 0, 1, None, RUN_ID).parent / "metrics.jsonl")
     assert compiled_modules == [("for_inference", "PixArtSigma"), ("for_training", "HyenaX"),
                                 ("for_training", "HyenaX")]
     assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-4)
@@ -54,7 +55,7 @@ def test_stage2_compiles_the_grafted_model_for_training(tmp_path, compiled_modul
         module, optim, steps, recipe.deepspeed.gradient_accumulation, 0, bf16=False))
     runs = {}
     for compile in (False, True):
-        folder = run_stage2(recipe(tmp_path / str(compile), compile), 0, 1, None, students_dir=None)
+        folder = run_stage2(recipe(tmp_path / str(compile), compile), 0, 1, None, students_dir=None, run_id=RUN_ID)
         runs[compile] = losses(folder.parent / "stage2" / "metrics.jsonl")
     assert compiled_modules == [("for_training", "PixArtSigma")]
     assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=1e-4)
