@@ -11,6 +11,7 @@ import yaml
 from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
 from data.reader import ReaderConfig
 from models.graft import GraftSpec, inline_config_files
+from recipes.precision import PrecisionSetting
 
 
 @dataclass
@@ -44,8 +45,21 @@ class DataSection:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     caption_dropout: float = 0.0  # stage 2: replace captions by the null caption with this probability
     null_caption: str | None = None  # safetensors with `embedding` (L, C) and `mask` (L,): T5("")
+    # the mask a dropped caption gets: `own`, T5("")'s own (what the sampler's unconditional branch feeds, as in
+    # diffusers); `prompt`, the dropped prompt's (PixArt-Sigma's training code swaps the features only)
+    null_caption_mask: Literal["own", "prompt"] = "own"
     synthetic_samples: int = 512  # synthetic: samples per epoch (train); val uses a disjoint seed range
     synthetic_val_samples: int = 64
+
+
+@dataclass
+class PlateauSection:
+    """ReduceLROnPlateau on a stage-1 student's held-out error (each student on its own): its lr × `factor` after
+    more than `patience` evaluations without a relative improvement of `threshold`, never below optim.min_lr."""
+
+    factor: float = 0.5
+    patience: int = 1
+    threshold: float = 1e-4
 
 
 @dataclass
@@ -54,9 +68,14 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    # after the warm-up: constant; cosine to min_lr; multistep: × gamma at each of `milestones`
+    schedule: Literal["constant", "cosine", "multistep"] = "constant"
+    milestones: list[float] = field(default_factory=list)
+    milestone_unit: Literal["steps", "epochs"] = "steps"  # epochs: of this stage's training data, per rank
+    gamma: float = 0.5
     min_lr: float = 0.0
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # stage 1: each student clipped on its own gradient norm
+    plateau: PlateauSection | None = None  # stage 1 only
 
 
 @dataclass
@@ -65,10 +84,14 @@ class Stage1Section:
 
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
+    batch_size: int | None = None  # per rank (default: data.reader.batch_size)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
     loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2"})  # l1 / l2 / huber
     huber_delta: float = 1.0
     mode: Literal["data_parallel", "split"] = "data_parallel"  # split: students divided across ranks
+    teacher_precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"  # the precision of the recorded targets
+    # where the best students are picked: held-out shards (data.val), or knowingly the training data
+    select_on: Literal["held_out", "train"] = "held_out"
     eval_every: int = 100
     eval_batches: int = 4
     log_every: int = 10
@@ -92,6 +115,7 @@ class Stage2Section:
 
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
+    batch_size: int | None = None  # per rank (default: data.reader.batch_size)
     optim: OptimSection = field(default_factory=OptimSection)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSection = field(default_factory=LoraSection)
@@ -105,7 +129,7 @@ class Stage2Section:
 class DeepSpeedSection:
     zero_stage: int = 2
     gradient_accumulation: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: PrecisionSetting = "auto"  # auto: bf16-mixed on GPU, fp32 on CPU (recipes/precision.py)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the derived DeepSpeed JSON
 
 
@@ -167,6 +191,33 @@ def validate(recipe: Recipe, where: str) -> None:
     if recipe.data.caption_dropout > 0 and recipe.model.family == "pixart" and not recipe.data.null_caption:
         raise ConfigError(f"{where}: data.caption_dropout needs data.null_caption (T5 features of the empty "
                           "prompt; `python -m recipes.null_caption` writes them)")
+    validate_training(recipe, where)
+
+
+def validate_training(recipe: Recipe, where: str) -> None:
+    """Batch sizes, schedules, precision and stage 1's choice of data to pick its best students on."""
+    if recipe.stage1.select_on == "held_out" and recipe.data.source == "shards" and not recipe.data.val:
+        raise ConfigError(f"{where}: data.val is not set, so stage 1 would pick its best students on its own "
+                          "training data; set data.val to held-out shards, or stage1.select_on=train to select on "
+                          "training data knowingly (as the official code's best_train.pt does)")
+    for stage in ("stage1", "stage2"):
+        section = getattr(recipe, stage)
+        if section.batch_size is not None and section.batch_size < 1:
+            raise ConfigError(f"{where}: {stage}.batch_size must be ≥ 1 (or unset: data.reader.batch_size)")
+        optim = section.optim
+        if optim.schedule == "multistep" and (not optim.milestones or sorted(optim.milestones) != optim.milestones
+                                              or optim.milestones[0] <= 0):
+            raise ConfigError(f"{where}: {stage}.optim.milestones must be increasing positive "
+                              f"{optim.milestone_unit} for schedule multistep, got {optim.milestones}")
+        if optim.plateau is not None and (stage == "stage2" or not 0 < optim.plateau.factor < 1
+                                          or optim.plateau.patience < 0):
+            raise ConfigError(f"{where}: {stage}.optim.plateau: stage 1 only, with 0 < factor < 1 and patience ≥ 0")
+    if "gradient_clipping" in recipe.deepspeed.overrides:
+        raise ConfigError(f"{where}: deepspeed.overrides.gradient_clipping: set stage1/stage2.optim.grad_clip instead "
+                          "(stage 1 clips each student on its own, so DeepSpeed's global clip stays off there)")
+    if recipe.deepspeed.precision == "bf16" and recipe.deepspeed.zero_stage == 0:
+        raise ConfigError(f"{where}: deepspeed.precision=bf16 needs deepspeed.zero_stage ≥ 1 (only ZeRO keeps fp32 "
+                          "master weights this engine can read); use bf16-mixed for stage 0")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -1,5 +1,8 @@
 """Stage 2: finetune the grafted model with its own diffusion objective (ε MSE + VLB), in full or with LoRA,
-then export a folder the model loaders accept (graft.yaml, config.json, model.safetensors)."""
+then export a folder the model loaders accept (graft.yaml, config.json, model.safetensors).
+
+The export loses nothing: trained tensors come from the fp32 master weights (or their EMA), frozen ones straight
+from the teacher file, and LoRA adapters are merged in fp32."""
 from __future__ import annotations
 
 import logging
@@ -8,12 +11,12 @@ from pathlib import Path
 import torch
 
 from common.files import save_text
-from common.runtime import compute_dtype, pick_device
+from common.runtime import pick_device
 from models.diffusion import GaussianDiffusion
 from models.graft import GraftSpec
 from models.operators.kernels import log_backends_once
 from models.pretrained import PretrainedModel
-from models.weights import load_strict, read_state_dict
+from models.weights import read_state_dict
 from recipes import loop
 from recipes.batches import BatchSource, call_model, noise_batch, to_device
 from recipes.builders import build_source, build_teacher
@@ -21,8 +24,10 @@ from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe, dump_recipe
 from recipes.distributed import barrier
 from recipes.ema import EMA
-from recipes.engine import deepspeed_engine, full_state_dict
+from recipes.engine import Engine, deepspeed_engine
 from recipes.lora import attach_lora, merge_lora
+from recipes.master import master_state_dict
+from recipes.precision import Precision
 from recipes.reporting import RunLog
 from recipes.stage1 import load_students
 
@@ -45,10 +50,38 @@ def null_caption(recipe: Recipe, dev: torch.device, dtype: torch.dtype) -> tuple
     state = read_state_dict(recipe.data.null_caption)
     emb, mask = state["embedding"], state["mask"]
     length = recipe.data.reader.caption_tokens
+    if emb.shape[0] < length and recipe.data.null_caption_mask == "prompt":
+        raise ValueError(f"{recipe.data.null_caption} holds {emb.shape[0]} tokens, but data.null_caption_mask=prompt "
+                         f"attends to as many as a prompt has, up to {length}; write it with --max-length {length}")
     if emb.shape[0] < length:
         emb = torch.cat([emb, emb.new_zeros(length - emb.shape[0], emb.shape[1])])
         mask = torch.cat([mask, mask.new_zeros(length - mask.shape[0])])
     return emb[:length].to(dev, dtype), mask[:length].to(dev)
+
+
+def drop_captions(text: torch.Tensor, mask: torch.Tensor, null: tuple[torch.Tensor, torch.Tensor], convention: str,
+                  drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions of the samples where `drop` is set replaced by the null caption. Its mask is T5("")'s own under the
+    `own` convention (what the sampler's unconditional branch feeds, as diffusers does) or the dropped prompt's
+    under `prompt` (PixArt-Sigma's training code, which swaps the features only)."""
+    null_emb, null_mask = null
+    text = torch.where(drop[:, None, None], null_emb, text)
+    if convention == "own":
+        mask = torch.where(drop[:, None], null_mask, mask)
+    return text, mask
+
+
+def load_trained(model: torch.nn.Module, trained: dict[str, torch.Tensor]) -> None:
+    """Copy the trained tensors into `model`, whose other parameters stay as they are; they must be exactly the
+    parameters of `model` that require grad."""
+    params = dict(model.named_parameters())
+    expected = {name for name, p in params.items() if p.requires_grad}
+    if set(trained) != expected:
+        raise KeyError(f"trained tensors do not match the model's trainable parameters: missing "
+                       f"{sorted(expected - set(trained))[:5]}, unexpected {sorted(set(trained) - expected)[:5]}")
+    with torch.no_grad():
+        for name, values in trained.items():
+            params[name].copy_(values)
 
 
 class Finetuner:
@@ -57,30 +90,33 @@ class Finetuner:
 
     def __init__(self, recipe: Recipe, rank: int, world_size: int, students_dir: Path | None):
         self.recipe, self.cfg = recipe, recipe.stage2
-        self.dev, self.dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
+        self.dev, self.precision = pick_device(), Precision.resolve(recipe.deepspeed.precision)
+        self.dtype = self.precision.param_dtype  # of the batches
         self.model, _ = grafted_model(recipe, students_dir)
         log_backends_once(self.model, "stage 2 model")
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         self.model.train()
-        self.ema = EMA(self.model, self.cfg.ema_decay, keep=rank == 0) if self.cfg.ema_decay else None
-        self.engine = deepspeed_engine(self.model.to(self.dev), recipe, self.cfg.optim, self.cfg.steps, world_size)
+        self.batch_size = self.cfg.batch_size or recipe.data.reader.batch_size
+        self.engine = deepspeed_engine(self.model.to(self.dev), recipe, self.cfg.optim, self.cfg.steps, world_size,
+                                       self.batch_size)
+        self.ema = EMA(self.engine, self.engine.module, self.cfg.ema_decay) if self.cfg.ema_decay else None
         self.diffusion = GaussianDiffusion()
         self.rank, self.world_size = rank, world_size
         self.caption_dropout = recipe.data.caption_dropout if recipe.model.family == "pixart" else 0.0
         self.null = null_caption(recipe, self.dev, self.dtype) if self.caption_dropout > 0 else None
 
     def batches(self) -> BatchSource:
-        return build_source(self.recipe, self.model, self.rank, self.world_size, "train", self.cfg.shards)
+        return build_source(self.recipe, self.model, self.rank, self.world_size, "train", self.cfg.shards,
+                            self.batch_size)
 
     def micro_step(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The model's own diffusion loss (ε MSE + VLB) on noised latents, some captions dropped."""
         batch = to_device(batch, self.dev, self.dtype)
         x_t, t, noise = noise_batch(self.diffusion, batch, generator)
         if self.null is not None:
-            null_emb, null_mask = self.null
-            drop = (torch.rand(len(t), generator=generator) < self.caption_dropout).to(self.dev)
-            batch["text"] = torch.where(drop[:, None, None], null_emb, batch["text"])
-            batch["text_mask"] = torch.where(drop[:, None], null_mask, batch["text_mask"])
+            batch["text"], batch["text_mask"] = drop_captions(
+                batch["text"], batch["text_mask"], self.null, self.recipe.data.null_caption_mask,
+                (torch.rand(len(t), generator=generator) < self.caption_dropout).to(self.dev))
         output = call_model(self.engine, x_t, t, batch)
         terms = self.diffusion.training_losses(output, batch["latent"], x_t, t, noise)
         loss = terms["loss"].mean()
@@ -89,7 +125,7 @@ class Finetuner:
 
     def after_step(self, step: int) -> dict[str, float]:
         if self.ema is not None:
-            self.ema.update(self.engine.module)
+            self.ema.update()
         return {}
 
     def state(self) -> dict:
@@ -113,18 +149,17 @@ def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, s
              runlog=runlog, seed=recipe.seed, accumulation=recipe.deepspeed.gradient_accumulation, rank=rank,
              resume=resume)
     runlog.close(f"{recipe.name}: stage 2")
-    return export(recipe, finetuner.engine.module, finetuner.ema, rank)
+    return export(recipe, finetuner.engine, finetuner.ema, rank)
 
 
-def export(recipe: Recipe, trained: torch.nn.Module, ema: EMA | None, rank: int) -> Path:
-    """Rank 0 writes the final model (EMA weights if kept, LoRA merged) as an export folder; collective."""
-    state = full_state_dict(trained)
+def export(recipe: Recipe, engine: Engine, ema: EMA | None, rank: int) -> Path:
+    """Rank 0 writes the final model as an export folder (collective): the trained tensors from the fp32 master
+    weights (their EMA if kept), the frozen ones from a fresh load of the teacher, LoRA merged in fp32."""
+    trained = ema.full_state_dict() if ema is not None else master_state_dict(engine, engine.module)
     folder = recipe.out / "export"
     if rank == 0:
-        if ema is not None:
-            state.update(ema.state_dict())
-        model, _ = grafted_model(recipe, students_dir=None)
-        load_strict(model, state, "trained model")
+        model, _ = grafted_model(recipe, students_dir=None)  # fp32; frozen tensors exactly as the teacher has them
+        load_trained(model, trained)
         if recipe.stage2.mode == "lora":
             merge_lora(model)
         model.save_pretrained(folder)
