@@ -3,7 +3,7 @@
 Each rank keeps the EMA of its own shard of the master weights (`recipes.master`): under ZeRO 1-3 that is its
 partition, so the EMA costs 4 bytes per parameter spread over the ranks and no communication; without ZeRO,
 rank 0 keeps it all. One fused `torch._foreach_lerp_` updates every shard on the device. Only the export gathers
-it (`full_state_dict`, collective); checkpoints hold each rank's shards.
+it (`full_state_dict`, collective, onto rank 0); checkpoints hold each rank's shards.
 """
 from __future__ import annotations
 
@@ -53,5 +53,5 @@ class EMA:
                 self.shards[name].values.copy_(values)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole EMA as fp32 CPU tensors, on every rank (collective)."""
+        """The whole EMA as fp32 CPU tensors on rank 0, an empty dict elsewhere (collective)."""
         return gather_shards(self.shards, self.shapes, self.device, collective=True)

@@ -49,17 +49,19 @@ def master_shard(engine, param: nn.Parameter) -> Shard | None:
 
 def gather_shards(shards: dict[str, Shard | None], shapes: dict[str, torch.Size], device: torch.device,
                   collective: bool) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU tensors from every rank's shards (an all-reduce per tensor when `collective`, shards being
-    disjoint; every rank must call it with the same names in the same order)."""
+    """Full fp32 CPU tensors from the ranks' shards. `collective`: every rank calls it with the same names in the
+    same order, the disjoint shards are summed on data-parallel rank 0, and the other ranks get an empty dict."""
+    collective = collective and dist.is_initialized()
     full = {}
     for name, shape in shapes.items():
         buffer = torch.zeros(shape.numel(), dtype=torch.float32, device=device)
         shard = shards.get(name)
         if shard is not None:
             buffer.narrow(0, shard.start, shard.values.numel()).copy_(shard.values)
-        if collective and dist.is_initialized():
-            dist.all_reduce(buffer)
-        full[name] = buffer.view(shape).cpu()
+        if collective:
+            dist.reduce(buffer, dst=0)
+        if not collective or data_parallel_rank() == 0:
+            full[name] = buffer.view(shape).cpu()
     return full
 
 
@@ -68,7 +70,8 @@ def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def master_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU copies of `module`'s trained parameters, read from the master weights (collective)."""
+    """Full fp32 CPU copies of `module`'s trained parameters, read from the master weights: collective under
+    DeepSpeed, where only rank 0 gets them; a `LocalEngine`'s own on its rank."""
     params = trainable(module)
     shapes = {name: getattr(p, "ds_shape", p.shape) for name, p in params.items()}
     device = next(iter(params.values())).device

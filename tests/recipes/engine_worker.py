@@ -64,50 +64,58 @@ def train(engine, blow_up: float, rank: int, steps: int, ema=None) -> list[dict[
 
 
 def check(zero: int, precision: str, rank: int, world: int) -> dict:
+    """Every rank runs the engines (their gathers are collective); rank 0 compares what it gathered."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from recipes.ema import EMA
     from recipes.master import master_state_dict
 
-    result = {}
     plain = train(engine_for(zero, precision, True, world), 1.0, rank, 1)[-1]
-    engine = engine_for(zero, precision, True, world)
-    spiked = train(engine, 1e6, rank, 1)[-1]
-    norms = engine.lr_scheduler.optimizer.norms
-    result["norm_a"], result["norm_b"] = float(norms["a"]), float(norms["b"])
-    result["b_unchanged_by_a"] = all(torch.equal(plain[n], spiked[n]) for n in plain if n.startswith("b."))
-    result["a_changed"] = not torch.equal(plain["a.weight"], spiked["a.weight"])
+    spiked_engine = engine_for(zero, precision, True, world)
+    spiked = train(spiked_engine, 1e6, rank, 1)[-1]
+    globally = train(engine_for(zero, precision, False, world), 1e6, rank, 1)[-1]
+
+    engine = engine_for(zero, precision, True, world)  # master weights and the EMA over 3 steps
+    ema = EMA(engine, engine.module, decay=0.5)
+    seen = []
+    engine.module.a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    start = master_state_dict(engine, engine.module)
+    history = train(engine, 1.0, rank, 3, ema)
+    masters = master_state_dict(engine, engine.module)
+    official = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
+    full = ema.full_state_dict()
+    resumed = EMA(engine, engine.module, decay=0.5)
+    resumed.load_state_dict(ema.state_dict())
+    reloaded = resumed.full_state_dict()
+    if rank:
+        return {}
+
+    norms = spiked_engine.lr_scheduler.optimizer.norms
+    result = {"norm_a": float(norms["a"]), "norm_b": float(norms["b"]),
+              "b_unchanged_by_a": all(torch.equal(plain[n], spiked[n]) for n in plain if n.startswith("b.")),
+              "a_changed": not torch.equal(plain["a.weight"], spiked["a.weight"]),
+              "global_clip_moves_b": not torch.equal(plain["b.weight"], globally["b.weight"])}
     torch.manual_seed(0)  # b's gradient averaged over both ranks' inputs, in one process, in fp32
     reference = Pair()
     for r in range(world):
         x = torch.randn(2, 16, generator=torch.Generator().manual_seed(r))
         (reference.b(x).square().mean() / world).backward()
     result["reference_norm_b"] = torch.cat([p.grad.flatten() for p in reference.b.parameters()]).norm().item()
-    globally = train(engine_for(zero, precision, False, world), 1e6, rank, 1)[-1]
-    result["global_clip_moves_b"] = not torch.equal(plain["b.weight"], globally["b.weight"])
 
     # master weights: what DeepSpeed's own API reads, and not the module's (rounded) copy under bf16
-    engine = engine_for(zero, precision, True, world)
-    ema = EMA(engine, engine.module, decay=0.5)
-    start = master_state_dict(engine, engine.module)
-    history = train(engine, 1.0, rank, 3, ema)
-    masters = master_state_dict(engine, engine.module)
-    official = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
     result["master_is_deepspeeds"] = all(official[n] is None or torch.equal(masters[n], official[n].cpu())
                                          for n in masters)
     result["master_dtype"] = str(masters["a.weight"].dtype)
     result["param_dtype"] = str(next(engine.module.parameters()).dtype)
+    result["activation_dtype"] = str(seen[0])  # inside the engine's forward: DeepSpeed's autocast
     expected = {n: v.clone() for n, v in start.items()}
     for state in history:
         for n in expected:
             expected[n].lerp_(state[n], 0.5)
-    full = ema.full_state_dict()
     result["ema_exact"] = all(torch.equal(full[n], expected[n]) for n in expected)
     result["ema_shard_numel"] = sum(s.values.numel() for s in ema.shards.values())
     result["param_numel"] = sum(v.numel() for v in expected.values())
-    resumed = EMA(engine, engine.module, decay=0.5)
-    resumed.load_state_dict(ema.state_dict())
-    result["ema_reloads"] = all(torch.equal(resumed.full_state_dict()[n], full[n]) for n in full)
+    result["ema_reloads"] = all(torch.equal(reloaded[n], full[n]) for n in full)
     return result
 
 

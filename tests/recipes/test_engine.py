@@ -43,6 +43,7 @@ def test_master_weights_and_the_sharded_ema(measured, zero, precision):
     m = measured[f"zero{zero}-{precision}"]
     assert m["master_is_deepspeeds"] and m["master_dtype"] == "torch.float32"
     assert m["param_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    assert m["activation_dtype"] == ("torch.float32" if precision == "fp32" else "torch.bfloat16")
     assert m["ema_exact"] and m["ema_reloads"]
     # rank 0's share: all of it without ZeRO, its partition under ZeRO 1-3
     assert m["ema_shard_numel"] == (m["param_numel"] if zero == 0 else m["param_numel"] // 2)
