@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test test-slurm bench clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The tests marked `slurm` on a real one-node Slurm cluster on localhost (Debian's slurm-wlm and munge, installed
+# when missing if this is root), configured in a temporary folder and stopped at the end.
+test-slurm: $(STAMP)
+	GRAFTING_SLURM=local $(PY) -m pytest -q -m slurm tests/slurm
 
 bench: $(STAMP)
 	$(PY) -m eval.bench_operators

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from common.config import ConfigError
+
 HASH_BLOCK = 1 << 20  # a multi-GB checkpoint is hashed in blocks, never held in memory
 
 
@@ -56,6 +58,18 @@ def download(url: str, target: str | os.PathLike, timeout: float = 60) -> Path:
 def _copy_stream(stream, path: str) -> None:
     with open(path, "wb") as f:
         shutil.copyfileobj(stream, f)
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding an object (a config, a report); bad JSON is a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def file_sha256(*paths: str | os.PathLike) -> str:

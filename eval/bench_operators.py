@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common.tables import markdown_table
-from models.operators import build, load_settings, operator_info, settings_names, settings_operator
+from models.operators import build, load_settings, operator_info, settings_names, settings_operator, with_length
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,13 @@ def default_operators() -> list[str]:
 
 
 def operator_config(settings: str, width: int, length: int, heads: int | None = None) -> dict:
-    """The config of settings file `settings` at this width (heads, and a token-tied l_max, filled as well)."""
+    """The config of settings file `settings` at this width and length (and with `heads`, if given), filled in as
+    graft surgery fills it."""
     name = settings_operator(settings)
-    info = operator_info(name)
-    config = load_settings(settings) | {info.width_key: width}
+    config = load_settings(settings) | {operator_info(name).width_key: width}
     if heads is not None and name in HEADED:
         config["num_heads"] = heads
-    if info.length_key and (info.replaces == "mlp" or info.length_key not in config):
-        config[info.length_key] = length
-    return config
+    return with_length(name, config, length)
 
 
 def time_forward_backward(op: torch.nn.Module, call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

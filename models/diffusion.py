@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 TRAIN_STEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02  # linear β schedule of both models
@@ -25,6 +25,12 @@ def ddpm_scheduler(clip_sample: bool = False) -> DDPMScheduler:
         num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear",
         prediction_type="epsilon", variance_type="learned_range", clip_sample=clip_sample,
     )
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """DDIM on the linear β schedule, the scheduler diffusers' converted DiT pipelines (facebook/DiT-XL-2-*) ship."""
+    return DDIMScheduler(num_train_timesteps=TRAIN_STEPS, beta_start=BETA_START, beta_end=BETA_END,
+                         beta_schedule="linear", prediction_type="epsilon", clip_sample=False)
 
 
 def respaced_timesteps(num_steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:

@@ -125,6 +125,7 @@ class DiT(PretrainedModel):
 
     config_class = DiTConfig
     presets = DIT_PRESETS
+    dropin_class_name = "GraftedDiTTransformer2DModel"
     diffusers_class_names = ("DiTTransformer2DModel", "Transformer2DModel")
     original_extras = ("pos_embed",)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from common.config import ConfigError
 from common.files import save_text
-from models.operators import build, check_config, load_settings, operator_info, settings_operator
+from models.operators import build, check_config, load_settings, operator_info, settings_operator, with_length
 from models.weights import load_strict, read_state_dict
 
 TARGETS = {"mha": "attn", "mlp": "mlp"}  # graft type → block attribute it replaces
@@ -159,8 +159,7 @@ class GraftSpec:
             if config.setdefault(info.width_key, width) != width:
                 raise ConfigError(f"{where}: operator {graft.name!r} has {info.width_key}={config[info.width_key]} "
                                   f"but the model's hidden size is {width}")
-            if info.length_key and info.length_key not in config:
-                config[info.length_key] = model.config.num_tokens if graft.type == "mlp" else 1_000_000
+            config = with_length(graft.name, config, model.config.num_tokens)
             bad_weights = sorted(set(graft.weights) - set(indexes))
             if bad_weights:
                 raise ConfigError(f"{where}: weights given for blocks {bad_weights} that are not grafted")

@@ -176,6 +176,7 @@ class PixArtSigma(PretrainedModel):
 
     config_class = PixArtConfig
     presets = PIXART_PRESETS
+    dropin_class_name = "GraftedPixArtTransformer2DModel"
     diffusers_class_names = ("PixArtTransformer2DModel", "Transformer2DModel")
 
     def __init__(self, config: PixArtConfig):

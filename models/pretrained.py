@@ -2,7 +2,6 @@
 files, and our own export folders (config + safetensors + optional graft spec)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -10,7 +9,8 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, from_dict, to_dict
-from common.files import file_sha256, save_json
+from common.files import file_sha256, read_json_object, save_json
+from common.hub import local_path
 from models.graft import GraftSpec
 from models.weights import (
     KeyMap,
@@ -31,15 +31,22 @@ def component_folder(root: Path, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
+def read_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json (diffusers or ours), with errors that name the file."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
+    return read_json_object(folder / "config.json")
+
+
 #: with the weights, these files decide what a model folder computes (tokenizer vocabularies included)
 DEFINING_SUFFIXES = {".safetensors", ".bin", ".pth", ".pt", ".json", ".yaml", ".model", ".txt"}
 
 
-def model_sha256(path: Path, *components: str) -> str:
+def model_sha256(path: str | Path, *components: str) -> str:
     """Content hash of a model: a checkpoint file itself, or the weight, config, graft and vocabulary files of a
     pipeline's `components` (each its subfolder of `path`, or `path` itself for a bare component folder).
-    Recorded next to generated data so a restart with other weights is refused."""
-    path = Path(path)
+    Recorded next to generated data so a restart with other weights is refused. `path` may be a cached Hub id."""
+    path = local_path(path, "model")
     if path.is_file():
         return file_sha256(path)
     files = {p for name in components or ("",) for p in component_folder(path, name).iterdir()
@@ -49,12 +56,25 @@ def model_sha256(path: Path, *components: str) -> str:
     return file_sha256(*sorted(files))
 
 
+def is_grafted(path: str | Path) -> bool:
+    """Whether a model folder (or a pipeline folder's transformer/) holds a grafted model: our export folders carry
+    graft.yaml, folders diffusers saved through models.diffusers_transformers a `graft` in config.json."""
+    path = local_path(path, "model")
+    if not path.is_dir():
+        return False
+    folder = component_folder(path, "transformer")
+    return (folder / GRAFT_FILE).is_file() or bool((folder / "config.json").is_file() and
+                                                   read_config(folder).get("graft"))
+
+
 class PretrainedModel(nn.Module):
     """Base for PixArt-Sigma and DiT: format detection, strict loading, and saving in every format."""
 
     config_class: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]]
     diffusers_class_names: ClassVar[tuple[str, ...]]
+    #: `_class_name` of folders saved through our diffusers wrapper (models.diffusers_transformers)
+    dropin_class_name: ClassVar[str]
     #: original-format tensors the model recomputes (checked by `check_original_extras`, then dropped)
     original_extras: ClassVar[tuple[str, ...]] = ()
 
@@ -106,30 +126,19 @@ class PretrainedModel(nn.Module):
     def from_pretrained(cls, path: str | Path, preset: str | None = None, ema: bool = False,
                         dtype: torch.dtype | None = None, graft: GraftSpec | str | Path | None = None,
                         **config_overrides):
-        """Load a diffusers folder, an original checkpoint file, or one of our export folders.
+        """Load a diffusers folder, an original checkpoint file, or one of our export folders; any of them may also
+        be given as a Hub repo id already in the local Hugging Face cache (`org/name[/file]`, see common.hub).
 
         For original files the architecture comes from `preset` (or the file name) plus `config_overrides`;
         `ema=True` picks the EMA weights (`state_dict_ema` / `ema`). `graft` (a GraftSpec or its YAML path) says
         the checkpoint holds a grafted model, e.g. a released grafted DiT `model.pt`; export folders carry their
         own `graft.yaml`. Mismatched tensors raise `CheckpointError`.
         """
-        path = Path(path)
+        path = local_path(path, f"{cls.__name__} checkpoint")
         if graft is not None and not isinstance(graft, GraftSpec):
             graft = GraftSpec.from_yaml(graft)
         if path.is_dir():
-            folder = component_folder(path, "transformer")
-            config_file = folder / "config.json"
-            if not config_file.is_file():
-                raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers or export folder)")
-            raw = json.loads(config_file.read_text())
-            if raw.get("_class_name") == cls.__name__:
-                return cls._load_native(folder, raw, dtype, config_overrides, graft)
-            if raw.get("_class_name") in cls.diffusers_class_names:
-                config = cls.config_from_diffusers(raw, **config_overrides)
-                state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
-                return cls._instantiate(config, state, str(folder), dtype)
-            raise ConfigError(f"{config_file}: _class_name {raw.get('_class_name')!r} is not one of "
-                              f"{(cls.__name__,) + cls.diffusers_class_names}")
+            return cls._load_folder(component_folder(path, "transformer"), dtype, graft, config_overrides)
         preset = preset or cls.preset_from_filename(path)
         if preset is None and not config_overrides:
             raise ConfigError(f"{path}: original checkpoints carry no architecture; pass preset= one of "
@@ -140,14 +149,27 @@ class PretrainedModel(nn.Module):
                                 graft=graft)
 
     @classmethod
-    def _load_native(cls, folder: Path, raw: dict[str, Any], dtype, overrides, graft):
-        config = from_dict(cls.config_class, {**{k: v for k, v in raw.items() if not k.startswith("_")},
-                                              **overrides}, where=str(folder / "config.json"))
-        graft_file = folder / GRAFT_FILE
-        if graft is None and graft_file.is_file():
-            graft = GraftSpec.from_yaml(graft_file)
-        state = read_state_dict(folder / NATIVE_WEIGHTS)
-        return cls._instantiate(config, state, str(folder), dtype, graft=graft)
+    def _load_folder(cls, folder: Path, dtype, graft: GraftSpec | None, overrides: dict[str, Any]):
+        """Our export folder, a folder diffusers saved from our wrapper, or a diffusers model folder."""
+        raw = read_config(folder)
+        name, where = raw.get("_class_name"), str(folder / "config.json")
+        if name in cls.diffusers_class_names:
+            config = cls.config_from_diffusers(raw, **overrides)
+            state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
+            return cls._instantiate(config, state, str(folder), dtype)
+        if name == cls.__name__:
+            architecture = {k: v for k, v in raw.items() if not k.startswith("_")}
+            saved = GraftSpec.from_yaml(folder / GRAFT_FILE) if (folder / GRAFT_FILE).is_file() else None
+            state = read_state_dict(folder / NATIVE_WEIGHTS)
+        elif name == cls.dropin_class_name:  # models.diffusers_transformers: same tensors, diffusers file names
+            architecture = raw.get("architecture") or {}
+            saved = GraftSpec.from_dict(raw["graft"], where=f"{where}: graft") if raw.get("graft") else None
+            state = read_diffusers_weights(folder)
+        else:
+            raise ConfigError(f"{where}: _class_name {name!r} is not one of "
+                              f"{(cls.__name__, cls.dropin_class_name) + cls.diffusers_class_names}")
+        config = from_dict(cls.config_class, {**architecture, **overrides}, where=where)
+        return cls._instantiate(config, state, str(folder), dtype, graft=graft or saved)
 
     @classmethod
     def _instantiate(cls, config, state: StateDict, source: str, dtype, original: bool = False,

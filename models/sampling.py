@@ -5,11 +5,14 @@ device it is drawn in; that is what makes generation jobs resumable and shardabl
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import SchedulerMixin
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -60,20 +63,30 @@ def sample_pixart(model: PixArtSigma, latents: torch.Tensor, prompt_embeds: torc
 @torch.no_grad()
 def sample_dit(model: DiT, latents: torch.Tensor, class_labels: torch.Tensor, steps: int = 250,
                cfg_scale: float = 1.5, guidance_channels: int | None = 3, seeds: Sequence[int] | None = None,
-               progress: bool = True) -> torch.Tensor:
+               progress: bool = True, scheduler: SchedulerMixin | None = None) -> torch.Tensor:
     """Ancestral DDPM on IDDPM-respaced timesteps with learned variance, as facebookresearch/DiT samples.
 
     `seeds` (the samples' own seeds) give every sample a CPU generator for the noise of all its steps, seeded
     with seed + STEP_SEED_OFFSET, so a sample does not depend on its batch; without them the global RNG is used.
+    Another diffusers `scheduler` (e.g. the DDIM a DiTPipeline ships) is stepped as DiTPipeline steps it: a copy,
+    `set_timesteps(steps)`, scaled inputs, only the ε channels (no learned variance), and the samples' generators
+    when its `step` takes them.
     """
-    scheduler = ddpm_scheduler()
-    scheduler.set_timesteps(timesteps=respaced_timesteps(steps), device=latents.device)
+    learned_variance = scheduler is None
+    if learned_variance:
+        scheduler = ddpm_scheduler()
+        scheduler.set_timesteps(timesteps=respaced_timesteps(steps), device=latents.device)
+    else:
+        scheduler = copy.deepcopy(scheduler)
+        scheduler.set_timesteps(steps, device=latents.device)
     guided = cfg_scale > 1.0
     generators = None
     if seeds is not None:
         generators = [torch.Generator().manual_seed(int(s) + STEP_SEED_OFFSET) for s in seeds]
         # the null-class half is overwritten by the guided half at every step: it reuses the same generators
         generators = generators * 2 if guided else generators
+    # as diffusers' pipelines do (prepare_extra_step_kwargs): generators go to schedulers whose step takes them
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     labels = class_labels
     if guided:
         latents = torch.cat([latents, latents])
@@ -81,11 +94,13 @@ def sample_dit(model: DiT, latents: torch.Tensor, class_labels: torch.Tensor, st
     dtype = next(model.parameters()).dtype
     for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress):
         ts = t.expand(latents.shape[0])
+        model_in = scheduler.scale_model_input(latents, t).to(dtype)
         if guided:
-            out = model.forward_with_cfg(latents.to(dtype), ts, labels, cfg_scale, guidance_channels)
+            out = model.forward_with_cfg(model_in, ts, labels, cfg_scale, guidance_channels)
         else:
-            out = model(latents.to(dtype), ts, labels)
-        latents = scheduler.step(out.float(), t, latents, generator=generators).prev_sample
+            out = model(model_in, ts, labels)
+        out = out.float() if learned_variance else out[:, : latents.shape[1]].float()
+        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
     return latents[: len(class_labels)]
 
 

@@ -6,11 +6,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, T5EncoderModel
 
+from common.hub import local_path
 from models.pretrained import component_folder
 
 
 class T5TextEncoder:
-    """T5 encoder and tokenizer from a pipeline folder (`text_encoder/`, `tokenizer/`) or one component folder.
+    """T5 encoder and tokenizer from a pipeline folder (`text_encoder/`, `tokenizer/`) or one component folder, a
+    local path or a Hub repo id in the local cache.
 
     Prompts are padded to `max_length` (300 for PixArt-Sigma) with the end-of-sequence token; the mask marks real
     tokens, as PixArt was trained with.
@@ -18,9 +20,9 @@ class T5TextEncoder:
 
     def __init__(self, path: str | Path, max_length: int = 300, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
-        root = Path(path)
+        root = local_path(path, "T5 folder")
         if not root.is_dir():
-            raise FileNotFoundError(f"T5 folder not found: {root} (download it once, then pass its local path)")
+            raise FileNotFoundError(f"T5 folder {path}: {root} is not a folder (text_encoder/ and tokenizer/)")
         self.max_length = max_length
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(component_folder(root, "tokenizer"), local_files_only=True)

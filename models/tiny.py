@@ -10,12 +10,22 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import (
+    AutoencoderKL,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    ModelMixin,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
+from models.diffusion import ddim_scheduler, pixart_scheduler
+from models.dit import DiT
 from models.pixart import PixArtSigma
-from models.vae import SDXL_SCALING
+from models.vae import SD_SCALING, SDXL_SCALING
+from models.weights import load_strict
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 BASE_WORDS = ("a an the of and with on in to photo picture image left right above below next one two three four "
@@ -49,13 +59,13 @@ def build_t5(vocab_size: int, d_model: int = 32, seed: int = 0) -> T5EncoderMode
     return T5EncoderModel(config).eval()
 
 
-def build_vae(seed: int = 0) -> AutoencoderKL:
-    """An 8× downsampling AutoencoderKL with SDXL's latent scaling, a few thousand parameters."""
+def build_vae(seed: int = 0, scaling_factor: float = SDXL_SCALING) -> AutoencoderKL:
+    """An 8× downsampling AutoencoderKL with SDXL's latent scaling (or another), a few thousand parameters."""
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-                         scaling_factor=SDXL_SCALING).eval()
+                         scaling_factor=scaling_factor).eval()
 
 
 def build_pixart(preset: str = "tiny", seed: int = 0, **overrides) -> PixArtSigma:
@@ -64,14 +74,32 @@ def build_pixart(preset: str = "tiny", seed: int = 0, **overrides) -> PixArtSigm
     return PixArtSigma(PixArtSigma.make_config(preset, **overrides)).eval()
 
 
+def diffusers_twin(model: PixArtSigma | DiT, diffusers_class: type[ModelMixin]) -> ModelMixin:
+    """The same weights as diffusers' own transformer class (`PixArtTransformer2DModel`, `DiTTransformer2DModel`)."""
+    twin = diffusers_class.from_config(model.diffusers_config(model.config))
+    load_strict(twin, model.key_map(model.config).to_diffusers(model.state_dict()), f"{diffusers_class.__name__}")
+    return twin.eval()
+
+
 def write_tiny_pipeline(folder: str | Path, preset: str = "tiny", words: list[str] | None = None,
                         seed: int = 0) -> Path:
-    """A diffusers-layout PixArt-Sigma pipeline folder: transformer/, text_encoder/, tokenizer/, vae/."""
-    folder = Path(folder)
-    model = build_pixart(preset, seed=seed)
+    """A diffusers PixArt-Sigma pipeline folder, as `PixArtSigmaPipeline.save_pretrained` writes it: model_index.json,
+    transformer/, text_encoder/, tokenizer/, vae/, scheduler/ (DPM-Solver++ as the real pipelines ship)."""
     tokenizer = build_tokenizer(words)
-    model.save_diffusers(folder / "transformer")
-    build_t5(len(tokenizer), d_model=model.config.caption_channels, seed=seed).save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    build_vae(seed=seed).save_pretrained(folder / "vae")
-    return folder
+    model = build_pixart(preset, seed=seed)
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, vae=build_vae(seed=seed), scheduler=pixart_scheduler(),
+                               text_encoder=build_t5(len(tokenizer), d_model=model.config.caption_channels, seed=seed),
+                               transformer=diffusers_twin(model, PixArtTransformer2DModel))
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def write_tiny_dit_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """A diffusers DiT pipeline folder (model_index.json, transformer/, vae/, scheduler/) of a tiny DiT with 1000
+    classes (DiTPipeline's null class is 1000), SD latent scaling and DDIM, as facebook/DiT-XL-2-* ship."""
+    torch.manual_seed(seed)
+    model = DiT(DiT.make_config("tiny", num_classes=1000)).eval()
+    pipe = DiTPipeline(transformer=diffusers_twin(model, DiTTransformer2DModel), scheduler=ddim_scheduler(),
+                       vae=build_vae(seed=seed, scaling_factor=SD_SCALING))
+    pipe.save_pretrained(folder)
+    return Path(folder)

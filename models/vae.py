@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from common.hub import local_path
 from models.pretrained import component_folder
 
 #: Latent scaling of the VAEs our models were trained with.
@@ -14,16 +15,16 @@ SD_SCALING = 0.18215  # DiT and PixArt-alpha (sd-vae-ft-ema / ft-mse)
 
 
 class LatentVAE:
-    """AutoencoderKL from a pipeline folder (`vae/`) or a bare VAE folder.
+    """AutoencoderKL from a pipeline folder (`vae/`) or a bare VAE folder, a local path or a cached Hub repo id.
 
     `scaling_factor` defaults to the VAE's own config value (0.13025 for SDXL's, 0.18215 for SD's).
     """
 
     def __init__(self, path: str | Path, scaling_factor: float | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
-        root = Path(path)
+        root = local_path(path, "VAE folder")
         if not root.is_dir():
-            raise FileNotFoundError(f"VAE folder not found: {root} (download it once, then pass its local path)")
+            raise FileNotFoundError(f"VAE folder {path}: {root} is not a folder")
         self.vae = AutoencoderKL.from_pretrained(component_folder(root, "vae"), local_files_only=True,
                                                  torch_dtype=dtype)
         self.vae = self.vae.to(device).eval().requires_grad_(False)

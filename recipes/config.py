@@ -150,6 +150,10 @@ class Recipe:
     def out(self) -> Path:
         return Path(self.output_dir.replace("${name}", self.name))
 
+    def batch_size(self, stage: Literal["stage1", "stage2"]) -> int:
+        """A stage's per-rank batch: its own `batch_size`, else data.reader.batch_size."""
+        return getattr(self, stage).batch_size or self.data.reader.batch_size
+
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe (following `base:` files), apply `a.b=value` overrides, and validate every key."""

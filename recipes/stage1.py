@@ -184,7 +184,7 @@ class Distiller:
         self.dev = pick_device()
         self.precision = Precision.resolve(recipe.deepspeed.precision)  # the students'
         self.teacher_precision = Precision(self.cfg.teacher_precision)
-        self.batch_size = self.cfg.batch_size or recipe.data.reader.batch_size
+        self.batch_size = recipe.batch_size("stage1")
         if self.cfg.select_on == "held_out":
             check_held_out(recipe, self.cfg.shards)
         self.teacher = build_teacher(recipe).to(self.dev, self.teacher_precision.param_dtype).requires_grad_(False)

@@ -27,6 +27,7 @@ from recipes.ema import EMA
 from recipes.engine import Engine, deepspeed_engine
 from recipes.lora import attach_lora, merge_lora
 from recipes.master import master_state_dict
+from recipes.model_card import write_model_card
 from recipes.precision import Precision
 from recipes.reporting import RunLog
 from recipes.stage1 import load_students
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 def grafted_model(recipe: Recipe, students_dir: Path | None) -> tuple[PretrainedModel, GraftSpec]:
     """The teacher with its targeted operators replaced: by the stage-1 students, or fresh if none are given."""
     model = build_teacher(recipe)
+    # fresh operators and LoRA weights: the same in every run (torch seeds its default generator at random), with
+    # or without stage 1 earlier in the process
+    torch.manual_seed(recipe.seed)
     spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
     students = load_students(students_dir, spec, model) if students_dir is not None else None
     spec.apply(model, students)
@@ -96,7 +100,7 @@ class Finetuner:
         log_backends_once(self.model, "stage 2 model")
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         self.model.train()
-        self.batch_size = self.cfg.batch_size or recipe.data.reader.batch_size
+        self.batch_size = recipe.batch_size("stage2")
         self.engine = deepspeed_engine(self.model.to(self.dev), recipe, self.cfg.optim, self.cfg.steps, world_size,
                                        self.batch_size)
         self.ema = EMA(self.engine, self.engine.module, self.cfg.ema_decay) if self.cfg.ema_decay else None
@@ -164,6 +168,7 @@ def export(recipe: Recipe, engine: Engine, ema: EMA | None, rank: int) -> Path:
             merge_lora(model)
         model.save_pretrained(folder)
         save_text(dump_recipe(recipe), folder / "recipe.yaml")
+        write_model_card(folder, new_weights=True)
         log.info("exported the grafted model to %s", folder)
     barrier()
     return folder

@@ -3,6 +3,9 @@ published files some tests check against (the paper's operator YAMLs, GenEval's 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,6 +85,24 @@ def shared_files(prefix: str) -> list[str]:
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the parity measure used throughout the tests."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "0" * 40, ref: str = "main") -> Path:
+    """Put `source` (a folder, or one file) into a Hugging Face cache in the client's layout: content-addressed
+    blobs, a snapshot of symlinks named by commit, and refs/<ref> naming the commit. Returns the snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    for file in files:
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, blob)
+        link = snapshot / (file.name if source.is_file() else file.relative_to(source))
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snapshot
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("script", ["eval/sample.py", "eval/geneval.py", "eval/speed.py", "data/generate.py",
-                                    "recipes/train.py"])
+                                    "recipes/train.py", "recipes/model_card.py"])
 def test_script_form_starts(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True,
                             timeout=120)

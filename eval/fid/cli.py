@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from common.files import check_or_record, file_sha256, save_json, save_text
+from common.hub import local_path
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from common.tables import markdown_table
 from eval.dit_args import add_dit_checkpoint_args, arch_overrides, dit_from_args
@@ -86,7 +87,7 @@ def run_sample(args: argparse.Namespace) -> Path | None:
     model = dit_from_args(args, dtype).to(device)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     settings = SamplingSettings(
-        checkpoint=str(args.ckpt.resolve()), checkpoint_sha256=model_sha256(args.ckpt, "transformer"),
+        checkpoint=str(local_path(args.ckpt).resolve()), checkpoint_sha256=model_sha256(args.ckpt, "transformer"),
         graft=str(args.graft.resolve()) if args.graft else None,
         graft_sha256=file_sha256(args.graft) if args.graft else None, preset=args.preset, arch=arch,
         vae_sha256=model_sha256(args.vae, "vae"),
@@ -123,7 +124,8 @@ def run_score(args: argparse.Namespace) -> dict:
     """Inception features of samples (and reference images) → metrics JSON and a Markdown table."""
     device = pick_device(args.device)
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would perturb the Inception features
-    extractor = InceptionFeatures(load_fid_inception(args.inception), device)
+    inception = local_path(args.inception, "Inception weights")
+    extractor = InceptionFeatures(load_fid_inception(inception), device)
     shape, _ = npz_array_shape(args.samples)
     fake = extractor.extract(iter_npz_batches(args.samples, args.batch_size), shape[0], desc="samples")
     with np.load(args.ref) as data:
@@ -149,7 +151,7 @@ def run_score(args: argparse.Namespace) -> dict:
         "samples": str(args.samples), "num_samples": int(shape[0]), "image_size": list(shape[1:3]),
         "reference": str(args.ref), "num_reference_images": None if real is None else len(real["pool"]),
         "reference_statistics": {"fid": pool_source, "sfid": spatial_source},
-        "inception": str(args.inception), "inception_sha256": file_sha256(args.inception),
+        "inception": str(args.inception), "inception_sha256": file_sha256(inception),
     }
     out = args.out or args.samples.with_name("fid_results.json")
     save_json(results, out)

@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 from tqdm.auto import tqdm
 
+from common.hub import local_path
 from models.weights import check_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,15 @@ def build_fid_inception() -> Inception3:
 
 
 def load_fid_inception(path: str | Path) -> Inception3:
-    """The FID Inception from pytorch-fid's weight file (read with `weights_only`; every tensor checked)."""
-    path = Path(path)
+    """The FID Inception from pytorch-fid's weight file (read with `weights_only`; every tensor checked); a local
+    path or a file of a Hub repo in the local cache."""
+    try:
+        path = local_path(path, "Inception weights")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}. The file is {FID_WEIGHTS}, from {FID_WEIGHTS_URL}.") from None
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights not found: {path}. Download {FID_WEIGHTS} once from "
-                                f"{FID_WEIGHTS_URL} and pass its local path.")
+        raise FileNotFoundError(f"Inception weights {path}: not a file; download {FID_WEIGHTS} once from "
+                                f"{FID_WEIGHTS_URL} and pass its path.")
     state = read_state_dict(path)
     fc = state.get("fc.weight")
     if fc is not None and fc.shape[0] != NUM_CLASSES:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from common.files import file_sha256
+from common.hub import local_path
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from eval.geneval.colours import ClipColorClassifier
 from eval.geneval.detections import (
@@ -49,6 +50,7 @@ from eval.geneval.report import write_grid, write_results, write_scores, write_s
 from eval.geneval.rules import ScoringOptions
 from eval.geneval.scoring import prompt_agnostic_baseline, score_image, summarize
 from eval.rank_wait import wait_for
+from models.pretrained import is_grafted
 from models.sampling import TextToImage
 
 log = logging.getLogger("geneval")
@@ -149,9 +151,10 @@ def run_generation(args: argparse.Namespace, images_dir: Path, rank: Rank) -> No
     """This rank's images; rank 0 then waits until every rank's images exist."""
     prompts = select_prompts(list(enumerate(read_metadata(official_file(METADATA, args.metadata, args.cache_dir)))),
                              args.tags, args.limit)
+    ckpt = local_path(args.ckpt, "--ckpt")
     settings = GenerationSettings(
-        ckpt=str(args.ckpt.resolve()), pipeline=str(args.pipeline.resolve()), preset=args.preset,
-        grafted=(args.ckpt / "graft.yaml").is_file(), seed=args.seed, samples_per_prompt=args.samples_per_prompt,
+        ckpt=str(ckpt.resolve()), pipeline=str(local_path(args.pipeline, "--pipeline").resolve()),
+        preset=args.preset, grafted=is_grafted(ckpt), seed=args.seed, samples_per_prompt=args.samples_per_prompt,
         steps=args.steps, cfg_scale=args.cfg, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, dtype=args.dtype)
 

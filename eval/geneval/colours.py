@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.hub import local_path
+
 TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")  # "a", always
 CLIP_ARCH = "ViT-L-14"
 CLIP_BATCH = 16  # upstream DataLoader batch size
@@ -52,10 +54,13 @@ class ClipColorClassifier:
                   arch: str = CLIP_ARCH) -> ClipColorClassifier:
         """CLIP from local files: a folder downloaded from timm/vit_large_patch14_clip_224.openai (open_clip weights,
         with or without open_clip_config.json) or a state-dict file for `arch`. QuickGELU is always on: the OpenAI
-        weights were trained with it and give wrong features without it."""
+        weights were trained with it and give wrong features without it. A Hub repo id in the local cache works too."""
         import open_clip
 
-        path = Path(path)
+        try:
+            path = local_path(path, "CLIP folder or weights file")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (see docs/geneval.md)") from None
         if path.is_dir() and not (path / "open_clip_config.json").is_file():
             found = [path / n for n in OPEN_CLIP_WEIGHTS if (path / n).is_file()]
             if not found:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.hub import local_path
 from eval.geneval.rules import Detection
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,11 @@ class Mask2FormerDetector:
     @classmethod
     def from_path(cls, path: str | Path, class_names: Sequence[str], device: str | torch.device = "cpu",
                   shortest: int = 800, longest: int = 1333, min_score: float = 0.0) -> Mask2FormerDetector:
-        """Load e.g. facebook/mask2former-swin-small-coco-instance, downloaded to `path` (config.json + weights)."""
+        """Load e.g. facebook/mask2former-swin-small-coco-instance: a local folder (config.json + weights) or that
+        repo id once it is in the local Hugging Face cache."""
         from transformers import Mask2FormerForUniversalSegmentation
 
-        path = Path(path)
+        path = local_path(path, "Mask2Former folder")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json; pass a local transformers Mask2Former folder "
                                     "(see docs/geneval.md for the download command)")

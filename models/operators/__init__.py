@@ -78,6 +78,19 @@ def build(name: str, **config) -> nn.Module:
     return operator_info(name).factory()(**config)
 
 
+#: l_max of a token mixer whose config leaves it out: only a bound on the sequence length (the paper's value).
+UNBOUNDED_LENGTH = 1_000_000
+
+
+def with_length(name: str, config: dict, tokens: int) -> dict:
+    """`config` with `l_max` filled in where the operator has one and the config leaves it out: the token count
+    for a channel mixer (its conv channels are the tokens), `UNBOUNDED_LENGTH` for a token mixer."""
+    info = operator_info(name)
+    if not info.length_key or info.length_key in config:
+        return dict(config)
+    return {**config, info.length_key: tokens if info.replaces == "mlp" else UNBOUNDED_LENGTH}
+
+
 def settings_names() -> list[str]:
     """Every operator settings file, by name (`hyena_x`, `mlp_ratio_3`, …)."""
     return sorted(p.stem for p in SETTINGS_DIR.glob("*.yaml"))

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.bench_operators import operator_config
-from models.operators import build, operator_info, settings_names, settings_operator
+from models.operators import build, load_settings, operator_info, settings_names, settings_operator, with_length
 from models.operators.attention import window_pairs
 
 BATCH, LENGTH, WIDTH = 2, 256, 1152  # DiT-XL/2 at 256 px
@@ -31,7 +30,9 @@ COUNTABLE = [s for s in settings_names() if settings_operator(s) not in ("swa", 
 
 @pytest.mark.parametrize("settings", COUNTABLE)
 def test_analytic_flops_at_the_papers_settings_match_the_flop_counter(settings):
-    torch_count, analytic = counted(settings_operator(settings), operator_config(settings, WIDTH, LENGTH))
+    name = settings_operator(settings)
+    config = with_length(name, load_settings(settings) | {operator_info(name).width_key: WIDTH}, LENGTH)
+    torch_count, analytic = counted(name, config)
     assert torch_count == analytic
 
 
@@ -44,9 +45,8 @@ def test_analytic_flops_at_the_papers_settings_match_the_flop_counter(settings):
     ("mha", {"num_heads": 8, "qkv_bias": False}),
 ])
 def test_analytic_flops_follow_the_operators_own_settings(name, config):
-    width_key = operator_info(name).width_key
-    length = {"l_max": LENGTH} if operator_info(name).length_key else {}
-    torch_count, analytic = counted(name, {width_key: 96, **length, **config}, width=96)
+    config = with_length(name, {operator_info(name).width_key: 96, **config}, LENGTH)
+    torch_count, analytic = counted(name, config, width=96)
     assert torch_count == analytic
 
 

@@ -134,3 +134,20 @@ def test_dropped_captions_take_the_mask_the_recipe_chooses():
         new_text, new_mask = drop_captions(text, mask, null, convention, drop)
         assert torch.equal(new_text[0], null[0]) and torch.equal(new_mask[0], dropped_mask)
         assert torch.equal(new_text[1], text[1]) and torch.equal(new_mask[1], mask[1])  # kept captions untouched
+
+
+def test_stage2_model_starts_the_same_whatever_the_global_rng(tmp_path):
+    """With a pretrained teacher, fresh operators and LoRA weights come from the recipe seed, not from the state of
+    torch's default generator (seeded at random at start-up), so two stage-2 runs start from the same weights."""
+    from recipes.config import load_recipe
+    from recipes.stage2 import grafted_model
+    from tests.conftest import REPO
+
+    PixArtSigma(PixArtSigma.make_config("tiny", depth=4)).save_diffusers(tmp_path / "teacher")
+    recipe = load_recipe(REPO / "recipes" / "tiny_pixart_hyena_x.yaml", [f"model.pretrained={tmp_path / 'teacher'}"])
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(grafted_model(recipe, students_dir=None)[0].state_dict())
+    assert states[0].keys() == states[1].keys() and any("lora_A" in k for k in states[0])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -97,6 +97,7 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
         assert f"{label} ran on: CausalDepthwiseConv1d: torch ×2" in run.stderr
     model = DiT.from_pretrained(tmp_path / "export")
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
+    assert "| self-attention | `hyena_y` | 1, 3 | 2 / 4 (50%) |" in (tmp_path / "export" / "README.md").read_text()
     last = sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1]
     name, exported = "blocks.1.attn.in_proj.weight", model.state_dict()["blocks.1.attn.in_proj.weight"]
     ema = torch.full((exported.numel(),), float("nan"))
@@ -142,8 +143,25 @@ def test_the_export_loses_nothing_under_pure_bf16(tmp_path):
     assert any(not torch.equal(v, v.bfloat16().float()) for k, v in exported.items() if k.startswith(grafted))
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: torchrun starts its workers in sessions of their own, out of its group's reach."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
-    """Start training and kill -9 its whole process group once `checkpoint` is complete."""
+    """Start training and kill -9 the whole job (launcher and workers) once `checkpoint` is complete."""
     process = subprocess.Popen(command(out, sets), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
@@ -151,7 +169,13 @@ def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
         if process.poll() is not None or time.time() > deadline:
             raise AssertionError(f"run ended or timed out before {checkpoint} was written")
         time.sleep(0.02)
+    workers = descendants(process.pid)
     os.killpg(process.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     process.wait()
 
 

@@ -13,6 +13,7 @@ from eval.fid.inception import (
     load_fid_inception,
     resize_bilinear_tf1,
 )
+from tests.conftest import add_to_hub_cache
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,13 @@ def test_loader_names_what_is_wrong(weights, tmp_path):
     torch.save({k: v for k, v in state.items() if not k.startswith("Mixed_7c")}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"missing \(\d+\)"):
         load_fid_inception(tmp_path / "partial.pth")
+
+
+def test_a_file_of_a_cached_hub_repo_loads(weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    add_to_hub_cache(tmp_path, "org/fid-weights", weights[0])
+    net = load_fid_inception("org/fid-weights/pt_inception-2015-12-05-6726825d.pth")
+    assert torch.equal(net.Conv2d_1a_3x3.conv.weight, weights[1].Conv2d_1a_3x3.conv.weight)
 
 
 def test_extractor_refuses_float_images(weights):

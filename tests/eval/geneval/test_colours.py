@@ -10,6 +10,7 @@ from PIL import Image
 
 from eval.geneval.colours import TEMPLATES, ClipColorClassifier, object_crop
 from eval.geneval.rules import COLORS
+from tests.conftest import add_to_hub_cache
 from tests.eval.geneval.tiny_models import TINY_CLIP, write_tiny_clip
 
 GREY = (153, 153, 153)  # "#999"
@@ -108,6 +109,14 @@ def test_open_clip_folder_loads_with_quick_gelu_and_its_weights(tiny_clip):
     assert clf.info["quick_gelu"] and clf.info["templates"] == list(TEMPLATES)
 
 
+def test_a_cached_hub_repo_id_loads_like_its_folder(tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    add_to_hub_cache(tmp_path, "timm/vit_large_patch14_clip_224.openai", tiny_clip)
+    cached = ClipColorClassifier.from_path("timm/vit_large_patch14_clip_224.openai")
+    local = ClipColorClassifier.from_path(tiny_clip)
+    assert all(torch.equal(a, b) for a, b in zip(cached.model.state_dict().values(), local.model.state_dict().values()))
+
+
 def test_open_clip_predictions_are_colours_deterministic_and_batch_invariant(tiny_clip):
     clf = ClipColorClassifier.from_path(tiny_clip)
     rng = np.random.default_rng(0)
@@ -137,7 +146,7 @@ def test_a_state_dict_file_loads_for_a_named_architecture(tiny_clip, tmp_path):
 
 
 def test_bad_clip_paths_say_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such CLIP"):
+    with pytest.raises(FileNotFoundError, match="CLIP folder or weights file .*: no such file or folder"):
         ClipColorClassifier.from_path(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
         ClipColorClassifier.from_path(tmp_path)

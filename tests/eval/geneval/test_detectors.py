@@ -22,7 +22,7 @@ from eval.geneval.detectors import (
     resized_shape,
 )
 from eval.geneval.prompts import read_object_names
-from tests.conftest import shared_file
+from tests.conftest import add_to_hub_cache, shared_file
 from tests.eval.geneval.tiny_models import write_tiny_mask2former
 
 
@@ -120,6 +120,14 @@ def test_loader_errors_name_the_problem(tiny_detector, tmp_path, names):
         Mask2FormerDetector.from_path(tmp_path, names)
     with pytest.raises(ValueError, match="80 classes"):
         Mask2FormerDetector.from_path(tiny_detector, names[:10])
+
+
+def test_a_cached_hub_repo_id_loads_like_its_folder(tiny_detector, tmp_path, monkeypatch, names):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    add_to_hub_cache(tmp_path, "facebook/mask2former-swin-small-coco-instance", tiny_detector)
+    cached = Mask2FormerDetector.from_path("facebook/mask2former-swin-small-coco-instance", names)
+    local = Mask2FormerDetector.from_path(tiny_detector, names)
+    assert all(torch.equal(a, b) for a, b in zip(cached.model.state_dict().values(), local.model.state_dict().values()))
 
 
 def test_mmdet_results_convert_per_class_in_order(names):
