@@ -7,6 +7,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -32,6 +33,20 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T
         return cls(**values)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where}: {err}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
 
 
 def split_assignment(item: str, what: str, example: str) -> tuple[str, str]:
@@ -84,7 +99,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: X's own error says what is expected
+            return _coerce(options[0], value, where)
+        for arg in options:
             try:
                 return _coerce(arg, value, where)
             except ConfigError:

@@ -20,10 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.files import check_or_record, json_sha256
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from data.prompts import read_prompts
 from data.sample_format import IMAGE_FORMATS, LATENT, TEXT, encode_image, shard_sample, valid_tokens
 from data.shard_writer import DATASET_INFO, ShardPlan, chunks, write_shards
+from models import compile as compiling
 from models.pretrained import model_sha256
 from models.sampling import TextToImage, to_uint8
 from models.tiny import words_of, write_tiny_pipeline
@@ -94,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="teacher dtype")
+    compiling.add_argument(parser)
     args = parser.parse_args(argv)
     if not args.tiny and args.pipeline is None:
         parser.error("give --pipeline (or --tiny)")
@@ -101,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     rank = Rank.from_env()
     setup_logging(rank.rank)
@@ -112,17 +116,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
                         height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
                         negative_prompt=args.negative_prompt, seed=args.seed, image_format=args.image_format,
                         shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                        dtype=args.dtype)
+                        dtype=args.dtype, compile=args.compile)
 
 
 def generate(prompts: list[dict], out: Path, rank: Rank, pipeline: Path, *, transformer: Path | None = None,
              preset: str | None = None, height: int | None = None, width: int | None = None, steps: int = 20,
              cfg: float = 4.5, negative_prompt: str = "", seed: int = 0, image_format: str = "png",
-             shard_size: int = 100, batch_size: int = 4, device: str = "auto", dtype: str = "fp32") -> list[Path]:
+             shard_size: int = 100, batch_size: int = 4, device: str = "auto", dtype: str = "fp32",
+             compile: bool = False) -> list[Path]:
     """Load the teacher, check the output folder's settings, write this rank's unfinished shards. `height` and
-    `width` default to the transformer's trained size."""
+    `width` default to the transformer's trained size; `compile` runs it under torch.compile."""
     pipe = TextToImage.from_paths(pipeline, transformer, preset, device=str(pick_device(device)),
-                                  dtype=parse_dtype(dtype))
+                                  dtype=parse_dtype(dtype), compile=compile)
     side = pipe.transformer.config.sample_size * pipe.vae.downsample
     height, width = height or side, width or side
     pipe.latent_shape(height, width)  # fails early on sizes the model cannot take

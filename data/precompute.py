@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from common.files import check_or_record, json_sha256, save_json
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from data.image_prep import IMAGE_SUFFIXES, is_image, load_square
 from data.prompts import read_jsonl
@@ -145,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     rank = Rank.from_env()
     setup_logging(rank.rank)

@@ -31,6 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from common.lifeline import exit_with_parent
 from common.runtime import Rank, parse_dtype
 from data.batching import ShapeBuckets, collate
 from data.sample_format import LABEL, LATENT, LATENT_FLIP, TENSORS, TEXT, SampleError, tensor_layout
@@ -212,6 +213,7 @@ class ShardStream(IterableDataset):
         cfg, skips = self.config, SkipCounter(log)
         epoch, skip_to, pending = start.epoch, start.consumed, set(start.pending)
         errors = ShardErrors(skips, counted=start.shard_errors)
+        barren: set[str] = set()  # shards this slot drew in its latest epochs that gave no valid sample at all
         while cfg.epochs is None or epoch < cfg.epochs:
             buckets, valid, total = ShapeBuckets(cfg.batch_size), 0, 0
             for i, raw in enumerate(self.raw_samples(epoch, slot, num_workers, errors)):
@@ -229,15 +231,28 @@ class ShardStream(IterableDataset):
                     yield self.message(slot, WorkerPosition(epoch, i + 1, buckets.pending(), errors.seen), skips,
                                        full)
             if valid == 0 and skip_to == 0 and cfg.epochs is None:
-                raise RuntimeError(f"reader slot {slot} of rank {self.rank.rank} got no valid sample from its shards "
-                                   f"{self.epoch_shards(epoch, slot, num_workers)} in epoch {epoch} (skipped: "
-                                   f"{dict(skips.counts)}); fix or remove those shards (see the warnings above)")
+                self.check_not_barren(barren, epoch, slot, num_workers, skips)
+            elif valid:
+                barren.clear()
             for rest in buckets.flush():
                 held = buckets.pending()
                 position = WorkerPosition(epoch, total, held, errors.seen) if held else WorkerPosition(epoch + 1)
                 yield self.message(slot, position, skips, rest)
             epoch, skip_to, pending, errors = epoch + 1, 0, set(), ShardErrors(skips)
         yield self.message(slot, WorkerPosition(epoch), skips)  # the end of a finite run: the last counts
+
+    def check_not_barren(self, barren: set[str], epoch: int, slot: int, num_workers: int, skips: SkipCounter
+                         ) -> None:
+        """A slot whose epoch gave no valid sample goes on with the next epoch, which deals it other shards; only
+        when its barren epochs have covered every shard does the data set hold no usable sample, an error."""
+        drawn = self.epoch_shards(epoch, slot, num_workers)
+        barren.update(drawn)
+        if len(barren) == len(self.shards):
+            raise RuntimeError(f"none of the {len(self.shards)} shards holds a valid sample (reader slot {slot} of "
+                               f"rank {self.rank.rank} drew every one of them in epochs up to {epoch}; skipped: "
+                               f"{dict(skips.counts)}); fix or remove those shards (see the warnings above)")
+        log.warning("reader slot %d of rank %d: epoch %d gave no valid sample (its shards %s); going on with the next "
+                    "epoch's shards", slot, self.rank.rank, epoch, drawn[:5])
 
     @staticmethod
     def message(slot: int, position: WorkerPosition, skips: SkipCounter, samples: list[dict] | None = None) -> dict:
@@ -282,7 +297,8 @@ class ShardLoader:
         stream = ShardStream(self.config, self.shards, self.rank, list(self.positions), self.next_slot)
         text_tokens = self.config.caption_tokens if self.config.kind == "text" else None
         dtype = parse_dtype(self.config.dtype) if self.config.dtype else None
-        for plan in DataLoader(stream, batch_size=None, num_workers=self.config.num_workers):
+        for plan in DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                               worker_init_fn=_end_with_the_reader):
             slot = plan["_slot"]
             self.positions[slot] = WorkerPosition(**plan["_position"])
             self.skipped.update(plan["_skipped"])
@@ -321,7 +337,11 @@ class ShardLoader:
         self.skipped = Counter(state["skipped"])
 
 
+def _end_with_the_reader(worker_id: int) -> None:
+    """A DataLoader worker ends at once when the process it reads for dies (SIGKILL, OOM), not seconds later."""
+    exit_with_parent()
+
+
 def _comparable(fingerprint: dict) -> dict:
     """Tuples and lists compare equal (a state may have been through JSON or YAML)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fingerprint.items()}
-

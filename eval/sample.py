@@ -23,6 +23,7 @@ from common.files import save_text
 from common.runtime import parse_dtype, pick_device, setup_logging
 from data.prompts import read_prompts
 from eval.dit_args import DIT_SAMPLE_CLASSES, add_dit_checkpoint_args, dit_from_args
+from models import compile as compiling
 from models.sampling import TextToImage, image_grid, sample_dit, save_png, seeded_noise, to_uint8
 from models.tiny import words_of, write_tiny_pipeline
 from models.vae import LatentVAE
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--batch-size", type=int, default=4)
     common.add_argument("--device", default="auto")
     common.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    compiling.add_argument(common)
 
     px = sub.add_parser("pixart", parents=[common], help="text-to-image with PixArt-Sigma")
     px.add_argument("--pipeline", type=Path, help="diffusers-style folder with text_encoder/ tokenizer/ vae/ "
@@ -79,7 +81,8 @@ def run_pixart(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         log.info("wrote a tiny random PixArt-Sigma pipeline to %s", args.pipeline)
     if args.pipeline is None or not prompts:
         raise SystemExit("pixart: give --pipeline (or --tiny) and at least one --prompt or --prompts file")
-    pipe = TextToImage.from_paths(args.pipeline, args.transformer, args.preset, device=str(device), dtype=dtype)
+    pipe = TextToImage.from_paths(args.pipeline, args.transformer, args.preset, device=str(device), dtype=dtype,
+                                  compile=args.compile)
     side = pipe.transformer.config.sample_size * pipe.vae.downsample
     height, width = args.height or side, args.width or side
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="batches"):
@@ -92,6 +95,8 @@ def run_pixart(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
 
 def run_dit(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, writer: SampleWriter) -> None:
     model = dit_from_args(args, dtype).to(device)
+    if args.compile:
+        compiling.for_inference(model)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
     for start in tqdm(range(0, len(args.classes), args.batch_size), desc="batches"):

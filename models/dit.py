@@ -23,6 +23,7 @@ from models.layers import (
     PatchEmbed,
     SinCosPositions,
     TimestepEmbedder,
+    gated_residual,
     modulate,
     run_blocks,
     sincos_pos_embed_2d,
@@ -102,8 +103,8 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         mod = self.adaLN_modulation(c)[:, None]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=2)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class DiTFinalLayer(nn.Module):

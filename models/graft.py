@@ -9,6 +9,13 @@ A graft spec is YAML. Ours (what export folders carry, written with every value 
         config: {short_filter_order: 3}               #   `config`, whose keys override the file's
         layers: {ratio: 0.5, pattern: interleaved}    # or {indexes: [1, 3, 5]}, {every: 4, offset: 3},
                                                       # {ratio: 0.25, pattern: first|last}
+      - type: blocks              # restructure whole blocks (models.parallel_blocks), not one operator
+        name: parallel_pair       # consecutive blocks (a, a + 1) → one parallel block; no config
+        layers: {indexes: [0, 1, 2, 3]}               # the blocks to pair, in order: (0, 1), (2, 3)
+
+A block may be touched by operator grafts (its attention and its MLP by different ones) or by a parallel pair, not
+both: the pair's stage-1 student starts from the teacher's two blocks, so an operator swapped inside it would have
+no teacher to start from.
 
 The paper's sampling YAMLs (`operator: {type, name, config_filepath}` + `sample_config: {graft_indexes, ...}`)
 are read unchanged.
@@ -24,12 +31,15 @@ from typing import Any
 import yaml
 from torch import nn
 
-from common.config import ConfigError
+from common.config import ConfigError, from_dict, read_yaml
 from common.files import save_text
 from models.operators import build, check_config, load_settings, operator_info, settings_operator, with_length
 from models.weights import load_strict, read_state_dict
 
 TARGETS = {"mha": "attn", "mlp": "mlp"}  # graft type → block attribute it replaces
+BLOCKS = "blocks"  # graft type that restructures whole blocks
+BLOCK_GRAFTS = ("parallel_pair",)  # its names
+GRAFT_TYPES = (*TARGETS, BLOCKS)
 PATTERNS = ("interleaved", "first", "last")
 
 
@@ -85,8 +95,15 @@ class Graft:
     weights: dict[int, str] = field(default_factory=dict)  # optional per-block operator checkpoints (paper layout)
 
     def validate(self, where: str) -> None:
-        if self.type not in TARGETS:
-            raise ConfigError(f"{where}: type must be one of {sorted(TARGETS)}, got {self.type!r}")
+        if self.type not in GRAFT_TYPES:
+            raise ConfigError(f"{where}: type must be one of {sorted(GRAFT_TYPES)}, got {self.type!r}")
+        if self.type == BLOCKS:
+            if self.name not in BLOCK_GRAFTS:
+                raise ConfigError(f"{where}: type blocks takes name one of {list(BLOCK_GRAFTS)}, got {self.name!r}")
+            if self.config or self.weights:
+                raise ConfigError(f"{where}: {self.name} takes no config and no per-block weights (its branches are "
+                                  "the model's own blocks)")
+            return
         try:
             info = operator_info(self.name)
         except ValueError as err:
@@ -106,7 +123,7 @@ class GraftSpec:
     def from_yaml(cls, path: str | Path) -> GraftSpec:
         """Our spec format or a paper sampling YAML; operator `config_filepath`s are resolved near the file."""
         path = Path(path)
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a YAML mapping")
         return cls.from_dict(data, where=str(path), base=path.parent)
@@ -142,7 +159,7 @@ class GraftSpec:
     # ---- resolving against a model ---------------------------------------------------------------------------
     def resolved(self, model: nn.Module) -> GraftSpec:
         """A copy with explicit block indexes and the operators' width / length filled from the model."""
-        depth, width = len(model.blocks), model.config.hidden_size
+        depth, width = model.config.depth, model.config.hidden_size  # the architecture's depth, pairs or not
         taken: dict[tuple[str, int], int] = {}
         grafts = []
         for n, graft in enumerate(self.grafts):
@@ -152,8 +169,14 @@ class GraftSpec:
             for i in indexes:
                 if (graft.type, i) in taken:
                     raise ConfigError(f"{where}: block {i} {graft.type} is already grafted by "
+                                      f"grafts[{taken[graft.type, i]}]" if graft.type != BLOCKS else
+                                      f"{where}: block {i} is already in a parallel pair of "
                                       f"grafts[{taken[graft.type, i]}]")
                 taken[graft.type, i] = n
+            if graft.type == BLOCKS:
+                check_pairs(indexes, depth, f"{where}.layers")
+                grafts.append(Graft(graft.type, graft.name, {}, LayerSelection(indexes=indexes)))
+                continue
             info = operator_info(graft.name)
             config = dict(graft.config)
             if config.setdefault(info.width_key, width) != width:
@@ -164,27 +187,41 @@ class GraftSpec:
             if bad_weights:
                 raise ConfigError(f"{where}: weights given for blocks {bad_weights} that are not grafted")
             grafts.append(Graft(graft.type, graft.name, config, LayerSelection(indexes=indexes), dict(graft.weights)))
+        paired = {i: n for (kind, i), n in taken.items() if kind == BLOCKS}
+        for (kind, i), n in taken.items():
+            if kind != BLOCKS and i in paired:
+                raise ConfigError(f"grafts[{n}]: block {i} is in a parallel pair of grafts[{paired[i]}]; operator "
+                                  "grafts and parallel pairs must touch different blocks (a pair starts from the "
+                                  "teacher's own two blocks)")
         return GraftSpec(grafts)
 
     def with_width(self, width: int) -> GraftSpec:
         """A copy whose operators take `width` (for running a full-size spec on a smaller architecture)."""
         spec = copy.deepcopy(self)
         for graft in spec.grafts:
-            graft.config[operator_info(graft.name).width_key] = width
+            if graft.type != BLOCKS:
+                graft.config[operator_info(graft.name).width_key] = width
         return spec
 
     def targets(self, model: nn.Module) -> dict[str, Graft]:
-        """Module path of every replaced operator (e.g. `blocks.3.attn`) → the graft that replaces it."""
-        spec = self.resolved(model)
-        return {f"blocks.{i}.{TARGETS[g.type]}": g for g in spec.grafts for i in g.layers.indexes}
+        """Module path of every replaced operator (e.g. `blocks.3.attn`) or parallel pair (`blocks.2`, blocks 2 and
+        3) → the graft that replaces it."""
+        return target_paths(self.resolved(model))
 
     def build_operators(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Fresh replacement operators for every target, on the model's device and dtype (students for stage 1)."""
+        """Fresh replacement operators for every target, on the model's device and dtype (students for stage 1);
+        a parallel pair starts from copies of the model's two blocks."""
         param = next(model.parameters())
         operators = {}
         for path, graft in self.targets(model).items():
-            operator = build(graft.name, **graft.config)
             block = int(path.split(".")[1])
+            if graft.type == BLOCKS:
+                from models.parallel_blocks import pair_from_blocks  # imports the model families, which import us
+
+                pair = pair_from_blocks(model.blocks[block], model.blocks[block + 1])
+                operators[path] = pair.to(device=param.device, dtype=param.dtype)
+                continue
+            operator = build(graft.name, **graft.config)
             if block in graft.weights:
                 load_strict(operator, read_state_dict(graft.weights[block], key="model"), graft.weights[block])
             operators[path] = operator.to(device=param.device, dtype=param.dtype)
@@ -198,13 +235,47 @@ class GraftSpec:
         if set(operators) != expected:
             raise ConfigError(f"operators given for {sorted(set(operators) ^ expected)} do not match the spec")
         replaced = {}
+        pairs = {}
         for path, operator in operators.items():
-            _, index, attr = path.split(".")
+            _, index, *attr = path.split(".")
+            if not attr:
+                pairs[path] = operator
+                continue
             block = model.blocks[int(index)]
-            replaced[path] = getattr(block, attr)
-            setattr(block, attr, operator)
+            replaced[path] = getattr(block, attr[0])
+            setattr(block, attr[0], operator)
+        if pairs:
+            from models.parallel_blocks import BlockStack
+
+            blocks = model.blocks if isinstance(model.blocks, BlockStack) else BlockStack.from_blocks(model.blocks)
+            for path, pair in pairs.items():
+                replaced[path] = blocks.merge_pair(int(path.split(".")[1]), pair)
+            model.blocks = blocks
         model.graft = spec
         return replaced
+
+
+def target_paths(spec: GraftSpec) -> dict[str, Graft]:
+    """Module paths of a resolved spec's targets: `blocks.{i}.{attn|mlp}` per operator, `blocks.{a}` per pair."""
+    paths = {}
+    for g in spec.grafts:
+        if g.type == BLOCKS:
+            paths.update({f"blocks.{a}": g for a in g.layers.indexes[0::2]})
+        else:
+            paths.update({f"blocks.{i}.{TARGETS[g.type]}": g for i in g.layers.indexes})
+    return paths
+
+
+def check_pairs(indexes: list[int], depth: int, where: str) -> None:
+    """Sorted block indexes that split, in order, into pairs of consecutive blocks (a, a + 1)."""
+    if len(indexes) % 2:
+        hint = (f" (the model's depth {depth} is odd: list the blocks to pair with indexes)"
+                if len(indexes) == depth else "")
+        raise ConfigError(f"{where}: {len(indexes)} blocks selected; parallel pairs need an even number{hint}")
+    for a, b in zip(indexes[0::2], indexes[1::2]):
+        if b != a + 1:
+            raise ConfigError(f"{where}: blocks {a} and {b} would be paired but are not consecutive; the selected "
+                              f"blocks {indexes} are paired in order, each pair (a, a + 1)")
 
 
 def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
@@ -217,16 +288,22 @@ def _graft_from_dict(entry: Any, where: str, base: Path | None) -> Graft:
     missing = [k for k in ("type", "name", "layers") if k not in entry]
     if missing:
         raise ConfigError(f"{where}: missing keys {missing}")
-    config = operator_config(entry, base, where)
+    structural = entry["type"] == BLOCKS and "config" not in entry and "config_filepath" not in entry
+    config = {} if structural else operator_config(entry, base, where)
     layers = entry["layers"]
     if not isinstance(layers, dict):
         raise ConfigError(f"{where}.layers: expected a mapping")
     unknown = sorted(set(layers) - {"indexes", "ratio", "pattern", "every", "offset"})
     if unknown:
         raise ConfigError(f"{where}.layers: unknown keys {unknown}")
-    graft = Graft(entry["type"], entry["name"], dict(config), LayerSelection(**layers),
-                  {int(k): str(v) for k, v in (entry.get("weights") or {}).items()})
+    weights = entry.get("weights") or {}
+    if not isinstance(weights, dict) or not all(isinstance(k, int) or str(k).isdigit() for k in weights):
+        raise ConfigError(f"{where}.weights: expected a mapping of block index → checkpoint path, got {weights!r}")
+    graft = Graft(entry["type"], entry["name"], dict(config), from_dict(LayerSelection, layers, f"{where}.layers"),
+                  {int(k): str(v) for k, v in weights.items()})
     graft.validate(where)
+    if graft.type == BLOCKS:
+        return graft
     try:
         check_config(graft.name, graft.config, partial=True)
     except ValueError as err:
@@ -245,7 +322,7 @@ def operator_config(entry: dict[str, Any], base: Path | None, where: str) -> dic
         if not isinstance(file, str):
             raise ConfigError(f"{where}: config_filepath must be a path, got {file!r}")
         path = find_config_file(file, base)
-        config = yaml.safe_load(path.read_text()) or {}
+        config = read_yaml(path) or {}
         if not isinstance(config, dict):
             raise ConfigError(f"{path}: an operator config must be a YAML mapping")
     inline = entry.get("config") or {}

@@ -13,10 +13,19 @@ import torch
 from torch import nn
 
 from common.config import ConfigError
-from models.layers import Mlp, PatchEmbed, SinCosPositions, TimestepEmbedder, modulate, run_blocks, unpatchify
+from models.layers import (
+    Mlp,
+    PatchEmbed,
+    SinCosPositions,
+    TimestepEmbedder,
+    gated_residual,
+    modulate,
+    run_blocks,
+    unpatchify,
+)
 from models.operators.attention import MultiHeadAttention
 from models.operators.attention_core import attention, masked_key_attention
-from models.operators.kernels import PURE, UsesKernel
+from models.operators.kernels import UsesKernel, pure_backend
 from models.pretrained import PretrainedModel
 from models.weights import KeyMap, KeyRule, StateDict
 
@@ -118,7 +127,7 @@ class CrossAttention(UsesKernel, nn.Module):
         q = self.q_linear(x).reshape(b, n, self.num_heads, self.head_dim)
         k, v = self.kv_linear(y).reshape(b, y.shape[1], 2, self.num_heads, self.head_dim).unbind(2)
         if y_mask is None:
-            out, self.backend = attention(q, k, v), PURE
+            out, self.backend = attention(q, k, v), pure_backend()
         else:
             out, self.backend = masked_key_attention(q, k, v, y_mask)
         return self.proj(out.reshape(b, n, c))
@@ -140,9 +149,9 @@ class PixArtBlock(nn.Module):
                 hw: tuple[int, int]) -> torch.Tensor:
         mod = self.scale_shift_table[None] + t0.reshape(x.shape[0], 6, -1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw)
+        x = gated_residual(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), hw))
         x = x + self.cross_attn(x, y, y_mask)
-        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class CaptionEmbedder(nn.Module):

@@ -137,39 +137,51 @@ class PretrainedModel(nn.Module):
         path = local_path(path, f"{cls.__name__} checkpoint")
         if graft is not None and not isinstance(graft, GraftSpec):
             graft = GraftSpec.from_yaml(graft)
-        if path.is_dir():
-            return cls._load_folder(component_folder(path, "transformer"), dtype, graft, config_overrides)
-        preset = preset or cls.preset_from_filename(path)
-        if preset is None and not config_overrides:
-            raise ConfigError(f"{path}: original checkpoints carry no architecture; pass preset= one of "
-                              f"{sorted(cls.presets)} or explicit config keys")
-        config = cls.make_config(preset, **config_overrides)
-        key = ("state_dict_ema" if path.suffix == ".pth" else "ema") if ema else None
-        return cls._instantiate(config, read_state_dict(path, key=key), str(path), dtype, original=True,
-                                graft=graft)
+        config, layout = cls.config_from_path(path, preset, **config_overrides)
+        if layout == "original":
+            key = ("state_dict_ema" if path.suffix == ".pth" else "ema") if ema else None
+            return cls._instantiate(config, read_state_dict(path, key=key), str(path), dtype, original=True,
+                                    graft=graft)
+        folder = component_folder(path, "transformer")
+        if layout == "diffusers":
+            state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
+            return cls._instantiate(config, state, str(folder), dtype)
+        if layout == "native":
+            saved = GraftSpec.from_yaml(folder / GRAFT_FILE) if (folder / GRAFT_FILE).is_file() else None
+            state = read_state_dict(folder / NATIVE_WEIGHTS)
+        else:  # models.diffusers_transformers: same tensors, diffusers file names
+            raw = read_config(folder)
+            saved = (GraftSpec.from_dict(raw["graft"], where=f"{folder / 'config.json'}: graft") if raw.get("graft")
+                     else None)
+            state = read_diffusers_weights(folder)
+        return cls._instantiate(config, state, str(folder), dtype, graft=graft or saved)
 
     @classmethod
-    def _load_folder(cls, folder: Path, dtype, graft: GraftSpec | None, overrides: dict[str, Any]):
-        """Our export folder, a folder diffusers saved from our wrapper, or a diffusers model folder."""
+    def config_from_path(cls, path: str | Path, preset: str | None = None, **config_overrides) -> tuple[Any, str]:
+        """The architecture of the checkpoint at `path`, read without its weights, and its layout: `native` (our
+        export folder), `dropin` (a folder diffusers saved from our wrapper), `diffusers` (a diffusers model folder)
+        or `original` (a checkpoint file; the architecture from `preset`, or the file name, plus
+        `config_overrides`)."""
+        path = local_path(path, f"{cls.__name__} checkpoint")
+        if not path.is_dir():
+            preset = preset or cls.preset_from_filename(path)
+            if preset is None and not config_overrides:
+                raise ConfigError(f"{path}: original checkpoints carry no architecture; pass preset= one of "
+                                  f"{sorted(cls.presets)} or explicit config keys")
+            return cls.make_config(preset, **config_overrides), "original"
+        folder = component_folder(path, "transformer")
         raw = read_config(folder)
         name, where = raw.get("_class_name"), str(folder / "config.json")
         if name in cls.diffusers_class_names:
-            config = cls.config_from_diffusers(raw, **overrides)
-            state = cls.key_map(config).to_original(read_diffusers_weights(folder), source=str(folder))
-            return cls._instantiate(config, state, str(folder), dtype)
+            return cls.config_from_diffusers(raw, **config_overrides), "diffusers"
         if name == cls.__name__:
-            architecture = {k: v for k, v in raw.items() if not k.startswith("_")}
-            saved = GraftSpec.from_yaml(folder / GRAFT_FILE) if (folder / GRAFT_FILE).is_file() else None
-            state = read_state_dict(folder / NATIVE_WEIGHTS)
-        elif name == cls.dropin_class_name:  # models.diffusers_transformers: same tensors, diffusers file names
-            architecture = raw.get("architecture") or {}
-            saved = GraftSpec.from_dict(raw["graft"], where=f"{where}: graft") if raw.get("graft") else None
-            state = read_diffusers_weights(folder)
+            architecture, layout = {k: v for k, v in raw.items() if not k.startswith("_")}, "native"
+        elif name == cls.dropin_class_name:
+            architecture, layout = raw.get("architecture") or {}, "dropin"
         else:
             raise ConfigError(f"{where}: _class_name {name!r} is not one of "
                               f"{(cls.__name__, cls.dropin_class_name) + cls.diffusers_class_names}")
-        config = from_dict(cls.config_class, {**architecture, **overrides}, where=where)
-        return cls._instantiate(config, state, str(folder), dtype, graft=graft or saved)
+        return from_dict(cls.config_class, {**architecture, **config_overrides}, where=where), layout
 
     @classmethod
     def _instantiate(cls, config, state: StateDict, source: str, dtype, original: bool = False,

@@ -17,11 +17,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.files import atomic_write
-from models.diffusion import ddpm_scheduler, pixart_scheduler, respaced_timesteps
+from models import compile as compiling
+from models.codec import Codec, load_codec
+from models.diffusion import NoiseSchedule, ddpm_scheduler, pixart_scheduler, respaced_timesteps
 from models.dit import DiT
 from models.pixart import PixArtSigma
 from models.text_encoder import T5TextEncoder
-from models.vae import LatentVAE
 
 STEP_SEED_OFFSET = 1 << 32  # step-noise generators are seeded apart from the initial noise of the same seed
 
@@ -36,9 +37,11 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.dev
 @torch.no_grad()
 def sample_pixart(model: PixArtSigma, latents: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
                   negative_embeds: torch.Tensor, negative_mask: torch.Tensor, steps: int = 20,
-                  cfg_scale: float = 4.5, progress: bool = True) -> torch.Tensor:
-    """DPM-Solver++ with classifier-free guidance, step for step as diffusers' PixArtSigmaPipeline."""
-    scheduler = pixart_scheduler()
+                  cfg_scale: float = 4.5, progress: bool = True, schedule: NoiseSchedule | None = None
+                  ) -> torch.Tensor:
+    """DPM-Solver++ with classifier-free guidance, step for step as diffusers' PixArtSigmaPipeline, on the model's
+    noise schedule and prediction type (PixArt-Sigma's ε and linear β when None), clipping x0 if it says so."""
+    scheduler = pixart_scheduler(schedule)
     scheduler.set_timesteps(steps, device=latents.device)
     guided = cfg_scale > 1.0
     if guided:
@@ -55,8 +58,8 @@ def sample_pixart(model: PixArtSigma, latents: torch.Tensor, prompt_embeds: torc
         if guided:
             uncond, cond = out.chunk(2)
             out = uncond + cfg_scale * (cond - uncond)
-        eps = out[:, : latents.shape[1]]  # drop the learned-variance channels
-        latents = scheduler.step(eps, t, latents).prev_sample
+        prediction = out[:, : latents.shape[1]]  # drop the learned-variance channels
+        latents = scheduler.step(prediction, t, latents).prev_sample
     return latents
 
 
@@ -128,20 +131,27 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> torch.Tensor
 
 @dataclass
 class TextToImage:
-    """PixArt-Sigma + T5 + VAE: prompts and seeds → latents and images."""
+    """PixArt-Sigma + T5 + codec (a VAE, or a parameter-free pixel codec) on its noise schedule: prompts and seeds →
+    latents and images."""
 
     transformer: PixArtSigma
     text_encoder: T5TextEncoder
-    vae: LatentVAE
+    vae: Codec
+    schedule: NoiseSchedule = NoiseSchedule()
 
     @classmethod
     def from_paths(cls, pipeline: str | Path, transformer: str | Path | None = None, preset: str | None = None,
-                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> TextToImage:
-        """Components from a diffusers-style pipeline folder; `transformer` may point elsewhere (e.g. the 2K
-        transformer folder, an original `.pth` with `preset`, or one of our grafted export folders)."""
-        model = PixArtSigma.from_pretrained(transformer or pipeline, preset=preset, dtype=dtype).to(device)
+                   device: str = "cpu", dtype: torch.dtype = torch.float32, compile: bool = False) -> TextToImage:
+        """Components from a diffusers-style pipeline folder (its `scheduler/` sets the noise schedule when
+        present); `transformer` may point elsewhere (e.g. the 2K transformer folder, an original `.pth` with
+        `preset`, or one of our grafted export folders). `compile`: the transformer runs under torch.compile
+        (`models.compile.for_inference`)."""
+        model = PixArtSigma.from_pretrained(transformer or pipeline, preset=preset, dtype=dtype).to(device).eval()
+        if compile:
+            compiling.for_inference(model)
         t5 = T5TextEncoder(pipeline, max_length=model.config.model_max_length, device=device, dtype=dtype)
-        return cls(model, t5, LatentVAE(pipeline, device=device, dtype=dtype))
+        codec = load_codec(pipeline, device=device, dtype=dtype)
+        return cls(model, t5, codec, NoiseSchedule.from_pipeline(pipeline))
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         multiple = self.vae.downsample * self.transformer.config.patch_size
@@ -161,5 +171,5 @@ class TextToImage:
         neg_embeds, neg_mask = self.text_encoder.encode([negative_prompt] * len(prompts))
         noise = seeded_noise(seeds, self.latent_shape(height, width), device=device)
         latents = sample_pixart(self.transformer, noise, embeds, mask, neg_embeds, neg_mask, steps, cfg_scale,
-                                progress)
+                                progress, self.schedule)
         return latents, self.vae.decode(latents)

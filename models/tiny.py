@@ -50,10 +50,11 @@ def words_of(prompts: list[str]) -> list[str]:
     return sorted({w for p in prompts for w in re.findall(r"\w+|[^\w\s]", p.lower())})
 
 
-def build_t5(vocab_size: int, d_model: int = 32, seed: int = 0) -> T5EncoderModel:
-    """A 2-layer T5 encoder (gated-GELU, as T5-v1.1)."""
+def build_t5(vocab_size: int, d_model: int = 32, seed: int = 0, num_layers: int = 2) -> T5EncoderModel:
+    """A small, randomly initialised T5 encoder (gated-GELU, as T5-v1.1; 4 heads of d_model / 4)."""
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+                      num_layers=num_layers, num_heads=4,
                       relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
                       eos_token_id=1, decoder_start_token_id=0)
     return T5EncoderModel(config).eval()

@@ -4,11 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,15 +35,51 @@ def read_state_dict(path: str | os.PathLike, key: str | None = None) -> StateDic
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)
+    return _unwrap(load_torch(path, allowed=[argparse.Namespace]), key, path)
+
+
+def load_torch(path: str | os.PathLike, allowed: Iterable[type] = (), map_location: Any = "cpu") -> Any:
+    """A torch file read with `weights_only=True`: tensors, containers, plain values and the `allowed` record
+    types. Anything else (a crafted pickle, a file of arbitrary objects) is refused before any of it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({err}). It holds "
-                              "Python objects beyond tensors; it is not unpickled for safety. Re-save its "
-                              "state dict (torch.save(ckpt['state_dict'], ...)) or as safetensors.") from None
-    return _unwrap(obj, key, path)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                      str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise CheckpointError(f"{path}: refused: it holds Python objects beyond tensors ({detail}). Nothing in it "
+                              "was unpickled; only tensors and plain values are read. Re-save its tensors (a state "
+                              "dict) with torch.save or as safetensors.") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable torch file ({type(err).__name__}: {err}); it may be "
+                              "truncated or not a checkpoint") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> StateDict:
+    """A safetensors file's tensors; a truncated or corrupt file is an error that names it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise _unreadable_safetensors(path, err) from None
+
+
+def check_safetensors(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file, from its header only (cheap, whatever the file's size); a truncated
+    or corrupt file is an error that names it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise _unreadable_safetensors(path, err) from None
+
+
+def _unreadable_safetensors(path: str | os.PathLike, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file ({err}); it may be truncated (an interrupted "
+                           "copy or download): copy it again")
 
 
 def _unwrap(obj, key: str | None, path: Path) -> StateDict:
@@ -66,12 +106,12 @@ def read_diffusers_weights(folder: Path) -> StateDict:
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     legacy = folder / "diffusion_pytorch_model.bin"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: StateDict = {}
         for shard in shards:
-            state.update(load_file(str(folder / shard)))
+            state.update(read_safetensors(folder / shard))
         return state
     if legacy.is_file():
         return read_state_dict(legacy)

@@ -9,6 +9,7 @@ import torch
 from common.config import ConfigError
 from common.runtime import Rank, parse_dtype
 from data.reader import ReaderConfig, ShardLoader, resolve_shards
+from models.diffusion import GaussianDiffusion, NoiseSchedule
 from models.dit import DiT
 from models.pixart import PixArtSigma
 from models.pretrained import PretrainedModel
@@ -28,6 +29,18 @@ def build_teacher(recipe: Recipe) -> PretrainedModel:
     return cls(cls.make_config(section.preset, **section.arch)).eval()
 
 
+def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
+    """The recipe's training objective: the teacher's noise schedule (from its pipeline folder's scheduler config
+    when it has one, else PixArt-Sigma's / DiT's) with the recipe's `diffusion` keys on top."""
+    section = recipe.diffusion
+    pretrained = Path(recipe.model.pretrained) if recipe.model.pretrained else None
+    schedule = NoiseSchedule.from_pipeline(pretrained) if pretrained and pretrained.is_dir() else NoiseSchedule()
+    keys = ("prediction_type", "beta_schedule", "beta_start", "beta_end")
+    overrides = {k: getattr(section, k) for k in keys if getattr(section, k) is not None}
+    schedule = replace(schedule, **overrides)
+    return GaussianDiffusion(schedule, section.min_snr_gamma)
+
+
 def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: int, split: str = "train",
                  shards: ShardPatterns = None, batch_size: int | None = None) -> BatchSource:
     """A resumable batch source for `split`, sharded over `world_size` ranks and batched as `data.reader` says
@@ -37,10 +50,10 @@ def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: 
     data, val = recipe.data, split != "train"
     reader = replace(data.reader, batch_size=batch_size or data.reader.batch_size)
     check_reader_fits(reader, model)
+    reader = model_reader(reader, model)
     if data.source == "synthetic":
         config = model.config
-        side = config.sample_size if recipe.model.family == "pixart" else config.input_size
-        height, width = reader.latent_size or (side, side)
+        height, width = reader.latent_size
         return SyntheticBatches(
             recipe.model.family, (config.in_channels, height, width), reader.batch_size,
             data.synthetic_val_samples if val else data.synthetic_samples,
@@ -64,9 +77,22 @@ def check_held_out(recipe: Recipe, shards: ShardPatterns) -> None:
                                                                else list(patterns))}
     shared = sorted(paths(recipe.data.val) & paths(shards or recipe.data.train))
     if shared:
-        raise ConfigError(f"data.val shares {len(shared)} shard(s) with the training data ({shared[0]}, …), so "
+        raise ConfigError(f"data.val: shares {len(shared)} shard(s) with the training data ({shared[0]}, …), so "
                           "stage 1 would pick its best students on data it trains on; point data.val at held-out "
                           "shards")
+
+
+def model_latent_size(model: PretrainedModel) -> tuple[int, int]:
+    """The (h, w) of the latents the model was trained on."""
+    side = getattr(model.config, "sample_size", None) or model.config.input_size
+    return side, side
+
+
+def model_reader(reader: ReaderConfig, model: PretrainedModel) -> ReaderConfig:
+    """The reader settings with the model's shapes filled in where the recipe leaves them open: latents of the
+    model's size and text features of its width; other samples are skipped and counted, never trained on."""
+    text_dim = reader.text_dim or getattr(model.config, "caption_channels", None)
+    return replace(reader, latent_size=tuple(reader.latent_size or model_latent_size(model)), text_dim=text_dim)
 
 
 def check_reader_fits(reader: ReaderConfig, model: PretrainedModel) -> None:

@@ -2,16 +2,18 @@
 `--set a.b=c` overrides. The DeepSpeed config and the graft spec are derived from it, never kept separately."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from common.config import ConfigError, deep_merge, from_dict, parse_assignments, to_dict
+from common.config import ConfigError, deep_merge, from_dict, parse_assignments, read_yaml, to_dict
 from data.reader import ReaderConfig
-from models.graft import GraftSpec, inline_config_files
+from models.graft import GRAFT_TYPES, GraftSpec, inline_config_files
 from recipes.precision import PrecisionSetting
+from recipes.validation import Sources, check_values
 
 
 @dataclass
@@ -63,6 +65,19 @@ class PlateauSection:
 
 
 @dataclass
+class DiffusionSection:
+    """The training objective. Unset schedule keys come from the teacher's pipeline folder (its
+    `scheduler/scheduler_config.json`, e.g. the shapes teacher's v-prediction on the cosine schedule), else they
+    are PixArt-Sigma's and DiT's own: ε (+ VLB for a learned σ) on the linear β schedule."""
+
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); None: unweighted
+
+
+@dataclass
 class OptimSection:
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -86,7 +101,8 @@ class Stage1Section:
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
     batch_size: int | None = None  # per rank (default: data.reader.batch_size)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
-    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2"})  # l1 / l2 / huber
+    # l1 / l2 / huber per graft type; `blocks` (a parallel pair's update carries its attention's outliers): ours
+    loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2", "blocks": "l1"})
     huber_delta: float = 1.0
     mode: Literal["data_parallel", "split"] = "data_parallel"  # split: students divided across ranks
     teacher_precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"  # the precision of the recorded targets
@@ -96,6 +112,7 @@ class Stage1Section:
     eval_batches: int = 4
     log_every: int = 10
     checkpoint_every: int = 500
+    compile: bool = False  # torch.compile the frozen teacher (for inference) and the students (for training)
 
 
 @dataclass
@@ -110,8 +127,27 @@ class LoraSection:
 
 
 @dataclass
+class EvalSection:
+    """GenEval every `every` steps of stage 2 on the EMA weights (images split across ranks, scored on rank 0),
+    for worlds with an exact detector. Each set is a GenEval metadata file or `WORLD:SPLIT` (e.g. `shapes:val`);
+    the checkpoint that scores best on `select` is exported to `stage2/best/`."""
+
+    pipeline: str  # text encoder, tokenizer, codec and scheduler to sample with (a pipeline folder)
+    every: int = 500
+    world: Literal["shapes"] = "shapes"
+    sets: dict[str, str] = field(default_factory=lambda: {"val": "shapes:val"})
+    select: str = "val"
+    samples_per_prompt: int = 4
+    seed: int = 42
+    steps: int = 20
+    cfg: float = 4.5
+    batch_size: int = 32
+
+
+@dataclass
 class Stage2Section:
-    """Finetuning of the grafted model with its own diffusion objective, in full or with LoRA."""
+    """Finetuning of the grafted model with its own diffusion objective, in full or with LoRA; with no graft and no
+    pretrained weights, this trains a model from scratch (the shapes teacher)."""
 
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
@@ -120,9 +156,12 @@ class Stage2Section:
     mode: Literal["full", "lora"] = "full"
     lora: LoraSection = field(default_factory=LoraSection)
     ema_decay: float | None = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)): for training from scratch
     gradient_checkpointing: bool = False
     log_every: int = 10
     checkpoint_every: int = 500
+    compile: bool = False  # torch.compile the grafted model (for training)
+    eval: EvalSection | None = None
 
 
 @dataclass
@@ -137,10 +176,11 @@ class DeepSpeedSection:
 class Recipe:
     name: str
     model: ModelSection
-    graft: dict[str, Any]  # a graft spec (models.graft), inline
+    graft: dict[str, Any] | None  # a graft spec (models.graft), inline; null trains the model as it is
     output_dir: str = "runs/${name}"
     seed: int = 0
     keep_checkpoints: int = 3
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     data: DataSection = field(default_factory=DataSection)
     stage1: Stage1Section = field(default_factory=Stage1Section)
     stage2: Stage2Section = field(default_factory=Stage2Section)
@@ -157,71 +197,111 @@ class Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe (following `base:` files), apply `a.b=value` overrides, and validate every key."""
+    return read_recipe(path, overrides)[0]
+
+
+def read_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Sources]:
+    """`load_recipe`, and where each value came from (errors name the file or the `--set` that set a key)."""
     path = Path(path)
-    data = _read_with_bases(path, seen=())
+    sources = Sources(path)
+    data = _read_with_bases(path, seen=(), sources=sources)
+    stages = [("", copy.deepcopy(data))]  # the data before any override, then after each one
     for item in overrides:
         for key, value in parse_assignments([item], "--set", "stage2.optim.lr=5e-5").items():
             _set_dotted(data, key, value, where=f"--set {item!r}")
-    if "graft" in data:  # operator files given with --set are named relative to the working directory
-        data["graft"] = inline_config_files(data["graft"], Path.cwd(), "--set graft")
-    recipe = from_dict(Recipe, data, where=str(path))
-    validate(recipe, str(path))
-    return recipe
+            sources.record(value, f"--set {item!r}", prefix=key)
+        stages.append((f"--set {item!r}", copy.deepcopy(data)))
+    recipe = _typed(stages, path)
+    validate(recipe, sources)
+    check_values(to_dict(recipe), sources)
+    return recipe, sources
 
 
-def validate(recipe: Recipe, where: str) -> None:
+def _typed(stages: list[tuple[str, dict[str, Any]]], path: Path) -> Recipe:
+    """The last stage as a Recipe; an error is blamed on the override that introduced it (or on the file)."""
+    try:
+        return from_dict(Recipe, _inlined(stages[-1][1]), where=str(path))
+    except ConfigError as err:
+        message = str(err)
+        for origin, data in stages[:-1]:
+            try:
+                from_dict(Recipe, _inlined(data), where=str(path))
+            except ConfigError as earlier:
+                if str(earlier) == message:
+                    raise _blame(err, origin, path) from None
+        raise _blame(err, stages[-1][0], path) from None
+
+
+def _inlined(data: dict[str, Any]) -> dict[str, Any]:
+    """Operator files given with --set are named relative to the working directory."""
+    if "graft" in data:
+        data = {**data, "graft": inline_config_files(data["graft"], Path.cwd(), "--set graft")}
+    return data
+
+
+def _blame(err: ConfigError, origin: str, path: Path) -> ConfigError:
+    if not origin:
+        return err
+    return ConfigError(f"{origin}: " + str(err).removeprefix(str(path)).lstrip(".: "))
+
+
+def validate(recipe: Recipe, sources: Sources) -> None:
     """Cross-field checks a type system cannot express."""
-    GraftSpec.from_dict(recipe.graft, where=f"{where}: graft")
-    if recipe.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: deepspeed.zero_stage must be 0..3")
-    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in ("mha", "mlp") or v not in
+    spec = None if recipe.graft is None else GraftSpec.from_dict(recipe.graft, where=f"{sources.of('graft')}: graft")
+    evaluation = recipe.stage2.eval
+    if evaluation is not None and evaluation.select not in evaluation.sets:
+        raise sources.error("stage2.eval.select", f"{evaluation.select!r} is not one of stage2.eval.sets "
+                            f"{sorted(evaluation.sets)}")
+    bad_losses = {k: v for k, v in recipe.stage1.loss.items() if k not in GRAFT_TYPES or v not in
                   ("l1", "l2", "huber")}
     if bad_losses:
-        raise ConfigError(f"{where}: stage1.loss {bad_losses}: keys mha/mlp, values l1/l2/huber")
+        raise sources.error("stage1.loss", f"{bad_losses}: keys {'/'.join(GRAFT_TYPES)}, values l1/l2/huber")
+    unset = sorted({g.type for g in spec.grafts} - set(recipe.stage1.loss)) if spec else []
+    if unset:
+        raise sources.error("stage1.loss", f"no loss for the graft's {unset} students")
     for stage in ("stage1", "stage2"):
         if recipe.data.source == "shards" and not (getattr(recipe, stage).shards or recipe.data.train):
-            raise ConfigError(f"{where}: {stage}.shards or data.train (a shard pattern) is required for "
-                              "data.source=shards")
+            raise ConfigError(f"{sources.of('data.source')}: data.source is shards, so {stage}.shards or "
+                              "data.train (a shard pattern) is required")
     reader, defaults = recipe.data.reader, ReaderConfig()
     for name, source in RECIPE_READER_FIELDS.items():
         if getattr(reader, name) != getattr(defaults, name):
-            raise ConfigError(f"{where}: data.reader.{name} is set by the recipe, from {source}; remove it")
+            raise sources.error(f"data.reader.{name}", f"is set by the recipe, from {source}; remove it")
     if reader.kind not in ("auto", FAMILY_KIND[recipe.model.family]):
-        raise ConfigError(f"{where}: data.reader.kind {reader.kind!r} does not match a {recipe.model.family} "
-                          f"model (its data kind is {FAMILY_KIND[recipe.model.family]!r})")
+        raise sources.error("data.reader.kind", f"{reader.kind!r} does not match a {recipe.model.family} model "
+                            f"(its data kind is {FAMILY_KIND[recipe.model.family]!r})")
     if recipe.data.source == "synthetic" and reader.flip:
-        raise ConfigError(f"{where}: data.reader.flip needs shards with flipped latents; the synthetic stream has "
-                          "none")
+        raise sources.error("data.reader.flip", "needs shards with flipped latents; the synthetic stream has none")
     if recipe.data.caption_dropout > 0 and recipe.model.family == "pixart" and not recipe.data.null_caption:
-        raise ConfigError(f"{where}: data.caption_dropout needs data.null_caption (T5 features of the empty "
-                          "prompt; `python -m recipes.null_caption` writes them)")
-    validate_training(recipe, where)
+        raise sources.error("data.caption_dropout", "needs data.null_caption (T5 features of the empty prompt; "
+                            "`python -m recipes.null_caption` writes them)")
+    validate_training(recipe, sources)
 
 
-def validate_training(recipe: Recipe, where: str) -> None:
-    """Batch sizes, schedules, precision and stage 1's choice of data to pick its best students on."""
-    if recipe.stage1.select_on == "held_out" and recipe.data.source == "shards" and not recipe.data.val:
-        raise ConfigError(f"{where}: data.val is not set, so stage 1 would pick its best students on its own "
-                          "training data; set data.val to held-out shards, or stage1.select_on=train to select on "
-                          "training data knowingly (as the official code's best_train.pt does)")
+def validate_training(recipe: Recipe, sources: Sources) -> None:
+    """Schedules, precision and stage 1's choice of data to pick its best students on (the ranges of single
+    numbers are recipes/validation.py's rules)."""
+    if (recipe.graft is not None and recipe.stage1.select_on == "held_out" and recipe.data.source == "shards"
+            and not recipe.data.val):
+        raise sources.error("data.val", "is not set, so stage 1 would pick its best students on its own training "
+                            "data; set data.val to held-out shards, or stage1.select_on=train to select on "
+                            "training data knowingly (as the official code's best_train.pt does)")
     for stage in ("stage1", "stage2"):
-        section = getattr(recipe, stage)
-        if section.batch_size is not None and section.batch_size < 1:
-            raise ConfigError(f"{where}: {stage}.batch_size must be ≥ 1 (or unset: data.reader.batch_size)")
-        optim = section.optim
+        optim = getattr(recipe, stage).optim
         if optim.schedule == "multistep" and (not optim.milestones or sorted(optim.milestones) != optim.milestones
                                               or optim.milestones[0] <= 0):
-            raise ConfigError(f"{where}: {stage}.optim.milestones must be increasing positive "
-                              f"{optim.milestone_unit} for schedule multistep, got {optim.milestones}")
+            raise sources.error(f"{stage}.optim.milestones", f"must be increasing positive {optim.milestone_unit} "
+                                f"for schedule multistep, got {optim.milestones}")
         if optim.plateau is not None and (stage == "stage2" or not 0 < optim.plateau.factor < 1
-                                          or optim.plateau.patience < 0):
-            raise ConfigError(f"{where}: {stage}.optim.plateau: stage 1 only, with 0 < factor < 1 and patience ≥ 0")
+                                          or optim.plateau.patience < 0 or optim.plateau.threshold < 0):
+            raise sources.error(f"{stage}.optim.plateau", "stage 1 only, with 0 < factor < 1, patience ≥ 0 and "
+                                "threshold ≥ 0")
     if "gradient_clipping" in recipe.deepspeed.overrides:
-        raise ConfigError(f"{where}: deepspeed.overrides.gradient_clipping: set stage1/stage2.optim.grad_clip instead "
-                          "(stage 1 clips each student on its own, so DeepSpeed's global clip stays off there)")
+        raise sources.error("deepspeed.overrides.gradient_clipping", "set stage1/stage2.optim.grad_clip instead "
+                            "(stage 1 clips each student on its own, so DeepSpeed's global clip stays off there)")
     if recipe.deepspeed.precision == "bf16" and recipe.deepspeed.zero_stage == 0:
-        raise ConfigError(f"{where}: deepspeed.precision=bf16 needs deepspeed.zero_stage ≥ 1 (only ZeRO keeps fp32 "
-                          "master weights this engine can read); use bf16-mixed for stage 0")
+        raise sources.error("deepspeed.precision", "bf16 needs deepspeed.zero_stage ≥ 1 (only ZeRO keeps fp32 "
+                            "master weights this engine can read); use bf16-mixed for stage 0")
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -229,20 +309,21 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(to_dict(recipe), sort_keys=False)
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_bases(path: Path, seen: tuple[Path, ...], sources: Sources) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: circular base: chain {[str(p) for p in seen]}")
     if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"recipe not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
     if "graft" in data:  # operator config files are named relative to the recipe that names them
         data["graft"] = inline_config_files(data["graft"], path.parent, f"{path}: graft")
     base = data.pop("base", None)
-    if base is None:
-        return data
-    return deep_merge(_read_with_bases(path.parent / base, seen + (path.resolve(),)), data)
+    merged = data if base is None else deep_merge(
+        _read_with_bases(path.parent / str(base), seen + (path.resolve(),), sources), data)
+    sources.record(data, str(path))
+    return merged
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:

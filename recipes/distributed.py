@@ -82,6 +82,17 @@ def all_ranks_true(flag: bool) -> bool:
     return bool(value.item())
 
 
+def broadcast_tensors(tensors: dict[str, torch.Tensor], src: int = 0) -> dict[str, torch.Tensor]:
+    """Rank `src`'s tensors on every rank (others pass tensors of the same names and shapes to overwrite)."""
+    if dist.is_initialized():
+        device = pick_device()
+        for name in sorted(tensors):
+            moved = tensors[name].to(device)
+            dist.broadcast(moved, src)
+            tensors[name] = moved.to(tensors[name].device)
+    return tensors
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -14,10 +14,13 @@ from recipes.master import Shard, gather_shards, master_shard, trainable
 
 
 class EMA:
-    """EMA of `engine`'s trained parameters of `module`, started at their current master values."""
+    """EMA of `engine`'s trained parameters of `module`, started at their current master values.
 
-    def __init__(self, engine, module: nn.Module, decay: float):
-        self.engine, self.module, self.decay = engine, module, decay
+    With `warmup`, the decay at optimizer step t is min(decay, (1 + t) / (10 + t)), so that a model trained from
+    scratch has a useful average early (the warm-up of diffusers' EMAModel and timm's ModelEmaV2)."""
+
+    def __init__(self, engine, module: nn.Module, decay: float, warmup: bool = False):
+        self.engine, self.module, self.decay, self.warmup = engine, module, decay, warmup
         params = trainable(module)
         self.shapes = {name: getattr(p, "ds_shape", p.shape) for name, p in params.items()}
         self.device = next(iter(params.values())).device
@@ -29,13 +32,17 @@ class EMA:
         shards = {name: master_shard(self.engine, p) for name, p in trainable(self.module).items()}
         return {name: shard for name, shard in shards.items() if shard is not None}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int = 0) -> None:
+        """Average in the master weights after optimizer step `step` (counted from 1)."""
         masters = self.masters()
         names = list(self.shards)
         if names:  # a rank may hold no shard (no ZeRO: rank 0 holds them all)
             torch._foreach_lerp_([self.shards[n].values for n in names], [masters[n].values for n in names],
-                                 1 - self.decay)
+                                 1 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, dict]:
         """This rank's shards (for its checkpoint)."""

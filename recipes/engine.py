@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from models.weights import save_torch
+from models.weights import load_torch, save_torch
 from recipes.config import OptimSection, Recipe
 from recipes.distributed import deepspeed_config
 from recipes.group_clip import GroupClippedAdamW
@@ -59,6 +59,8 @@ def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, tot
     after DeepSpeed reduced the gradients, instead of DeepSpeed's one global clip."""
     import deepspeed
 
+    from recipes.deepspeed_loading import make_loads_safe
+
     config = deepspeed_config(recipe, optim, world_size, batch_size)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = None
@@ -69,6 +71,7 @@ def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, tot
     engine, *_ = deepspeed.initialize(
         model=module, model_parameters=None if optimizer else params, optimizer=optimizer, config=config,
         lr_scheduler=lambda opt: schedule(opt, optim, total_steps, milestones))
+    make_loads_safe(engine)
     return engine
 
 
@@ -78,8 +81,10 @@ class LocalEngine:
     updates fp32 master copies, as DeepSpeed's bf16 mode does."""
 
     def __init__(self, module: nn.Module, optim: OptimSection, total_steps: int, accumulation: int, rank: int,
-                 precision: Precision, groups: dict[str, list[nn.Parameter]], milestones: list[int] = ()):
+                 precision: Precision, groups: dict[str, list[nn.Parameter]] | None = None,
+                 milestones: list[int] = ()):
         self.module, self.rank, self.accumulation, self.precision = module, rank, accumulation, precision
+        groups = groups or {"all": [p for p in module.parameters() if p.requires_grad]}
         bf16 = precision.param_dtype != torch.float32
         self.masters = {p: p.detach().float().clone() if bf16 else p for params in groups.values() for p in params}
         module.to(precision.param_dtype)  # in place: the parameters stay the objects in `groups`
@@ -128,7 +133,7 @@ class LocalEngine:
                    self._file(save_dir, tag))
 
     def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> None:
-        state = torch.load(self._file(load_dir, tag), map_location="cpu", weights_only=True)
+        state = load_torch(self._file(load_dir, tag))
         self.module.load_state_dict(state["module"])
         params = dict(self.module.named_parameters())
         with torch.no_grad():

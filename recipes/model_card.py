@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from common.tables import markdown_table
 from data.shard_writer import DATASET_INFO
 from eval.fid.sampling import SETTINGS_FILE as FID_SETTINGS
 from models.dit import DiT
-from models.graft import TARGETS, GraftSpec
+from models.graft import BLOCKS, Graft, GraftSpec, target_paths
 from models.pixart import PixArtSigma
 from models.pretrained import GRAFT_FILE, NATIVE_WEIGHTS, PretrainedModel, model_sha256, read_config
 from recipes.config import Recipe
@@ -45,7 +46,7 @@ OPTIONS_FILE = "card.json"
 REPORTS = {"geneval": "geneval_scores.json", "fid": "fid_results.json", "fid_sampling": "fid_sampling.json",
            "speed": "speed.json"}
 PAPER = "Exploring Diffusion Transformer Designs via Grafting (Chandrasegaran, Poli et al., arXiv 2506.05340)"
-OPERATED = {"mha": "self-attention", "mlp": "MLP"}
+OPERATED = {"mha": "self-attention", "mlp": "MLP", BLOCKS: "blocks, as parallel pairs"}
 # numerics, text length and training-only settings: equal architectures may differ in them
 NON_ARCHITECTURE = {"model_max_length", "timestep_freq_shift", "mlp_norm_eps", "class_dropout_prob"}
 
@@ -125,8 +126,9 @@ def check_fid(results: dict[str, Any], sampling: dict[str, Any], path: Path, fol
 
 
 def check_speed(report: dict[str, Any], path: Path, model_config: Any, graft: GraftSpec | None) -> None:
-    """speed.json of `python eval/speed.py`: the full-size model with this graft and architecture."""
-    _require(report, ("setup", "rows", "flop_bound_speedup"), path, "speed.json")
+    """speed.json of `python eval/speed.py`: the full-size model with this graft among its rows, this architecture,
+    and speed-ups that were not withheld for a missing kernel."""
+    _require(report, ("setup", "modes", "rows", "speedups"), path, "speed.json")
     setup = report["setup"]
     if setup.get("model") != "full":
         raise ConfigError(f"{path}: a {setup.get('model')!r} measurement (a CPU stand-in of another width), not "
@@ -134,9 +136,11 @@ def check_speed(report: dict[str, Any], path: Path, model_config: Any, graft: Gr
     ours = graft.to_dict() if graft else None
     arch = {k: setup.get(k) for k in ("hidden_size", "depth")}
     expected = {k: getattr(model_config, k) for k in arch}
-    if setup.get("graft") != ours or arch != expected:
-        raise ConfigError(f"{path}: measured graft {setup.get('graft')} on {arch}, but this export has {ours} on "
-                          f"{expected}")
+    measured = [row.get("graft") for row in report["rows"] if row.get("graft") is not None]
+    if ours not in measured or arch != expected:
+        raise ConfigError(f"{path}: measured grafts {measured} on {arch}, but this export has {ours} on {expected}")
+    if report.get("withheld"):
+        raise ConfigError(f"{path}: its speed-ups were withheld, kernels were missing: {report['missing_kernels']}")
 
 
 def store_reports(folder: Path, geneval: Path | None = None, fid: Path | None = None,
@@ -192,7 +196,7 @@ def _recipe(folder: Path) -> Recipe | None:
 
 def parameter_counts(folder: Path, graft: GraftSpec | None) -> tuple[int, int]:
     """(all parameters, those of the grafted operators), from model.safetensors' header."""
-    replaced = {f"blocks.{i}.{TARGETS[g.type]}." for g in (graft.grafts if graft else ()) for i in g.layers.indexes}
+    replaced = {f"{path}." for path in target_paths(graft)} if graft else set()
     total = grafted = 0
     with safe_open(str(folder / NATIVE_WEIGHTS), framework="pt") as f:
         for key in f.keys():
@@ -244,8 +248,15 @@ def graft_section(config: Any, graft: GraftSpec | None, counts: tuple[int, int])
             for g in graft.grafts]
     lines += [markdown_table(["replaced", "operator", "blocks (0-based)", "fraction of blocks"], rows, "llll"), ""]
     lines += [f"- `{g.name}` settings: `{json.dumps(g.config, sort_keys=True)}`" for g in graft.grafts]
+    pairs = sum(len(g.layers.indexes) // 2 for g in graft.grafts if g.type == BLOCKS)
+    if pairs:
+        lines.append(f"- Depth: {config.depth} → {config.depth - pairs} sequential blocks ({pairs} parallel pairs: "
+                     "both blocks of a pair read the same input, their residual updates merged by a learned "
+                     "linear projection).")
+    origin = ("each pair's branches started as the base model's two blocks (merged as their sum), the other blocks "
+              "are the base model's; all finetuned" if pairs else "the other blocks are the base model's, finetuned")
     lines += [f"- Parameters: {total:,} ({grafted:,} in the grafted operators), counted in `{NATIVE_WEIGHTS}`.",
-              f"- `{GRAFT_FILE}` is the full spec; the other blocks are the base model's, finetuned.", ""]
+              f"- `{GRAFT_FILE}` is the full spec; {origin}.", ""]
     return lines
 
 
@@ -277,6 +288,8 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         return lines + ["No recipe.yaml in this folder: the training is not recorded.", ""]
     s1, s2, data = recipe.stage1, recipe.stage2, recipe.data
     grafted = {g.type for g in graft.grafts} if graft else set()
+    kinds = (("replaced operator", grafted - {BLOCKS}), ("parallel pair", BLOCKS in grafted))
+    students = " and each ".join(kind for kind, present in kinds if present) or "replaced operator"
     teacher = f"`{recipe.model.pretrained}`" if recipe.model.pretrained else \
         f"a random `{recipe.model.preset}` model (a test recipe)"
     synthetic = data.source == "synthetic"
@@ -287,7 +300,7 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         ["batch per GPU", recipe.batch_size("stage1"), recipe.batch_size("stage2")],
         ["data", "synthetic stream (no real data)" if synthetic else _data(s1.shards or data.train),
          "synthetic stream (no real data)" if synthetic else _data(s2.shards or data.train)],
-        ["objective", "regress each replaced operator's output from the teacher's input ("
+        ["objective", f"regress each {students}'s output from the teacher's input ("
          + ", ".join(f"{OPERATED[k]}: {v.upper()}" for k, v in s1.loss.items() if k in grafted) + ")",
          "ε MSE + VLB (learned σ)"],
         ["optimizer", _optim(s1.optim), _optim(s2.optim)],
@@ -307,7 +320,7 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
     return lines + [""]
 
 
-def evaluation_section(folder: Path, family: Family) -> tuple[list[str], list[EvalResult]]:
+def evaluation_section(folder: Path, family: Family, graft: GraftSpec | None) -> tuple[list[str], list[EvalResult]]:
     lines, results = ["## Evaluation", ""], []
     geneval, fid, speed = _stored(folder, "geneval"), _stored(folder, "fid"), _stored(folder, "speed")
     if geneval:
@@ -343,15 +356,7 @@ def evaluation_section(folder: Path, family: Family) -> tuple[list[str], list[Ev
                                   metric_type="fid", metric_value=round(fid["metrics"]["fid"], 4),
                                   metric_name=f"FID ({fid['num_samples']} samples)"))
     if speed:
-        s = speed["setup"]
-        rows = [[r["name"], f"{r['forward_median_s'] * 1e3:.1f}", f"{r['forward_speedup']:.2f}×",
-                 f"{r['sampling_median_s']:.2f}" if r.get("sampling_median_s") else "–",
-                 f"{r['sampling_speedup']:.2f}×" if r.get("sampling_speedup") else "–"] for r in speed["rows"]]
-        lines += [f"**Speed** on {s['device']} ({s['dtype'].removeprefix('torch.')}, batch {s['batch']}, "
-                  f"{s['tokens']:,} tokens = {s['image_side']}² px, {s['steps']}-step sampling with CFG {s['cfg']}):",
-                  "", markdown_table(["model", "forward ms", "speed-up", "sampling s", "speed-up"], rows, "lrrrr"),
-                  "", f"FLOP-bound speed-up {speed['flop_bound_speedup']:.2f}×. `card/{REPORTS['speed']}` "
-                  "(`python eval/speed.py`).", ""]
+        lines += speed_section(speed, graft)
     if not (geneval or fid or speed):
         command = ("`python eval/geneval.py --ckpt EXPORT ...` and `python eval/speed.py --grafted-ckpt EXPORT ...`"
                    if family.model is PixArtSigma else "`python -m eval.fid sample --ckpt EXPORT ...` then `score`")
@@ -389,6 +394,39 @@ def usage_section(family: Family, name: str, base: str | None, code_url: str | N
         "`models.diffusers_transformers` in its model_index.json for the same reason.", ""]
 
 
+def _change_words(g: Graft, depth: int) -> str:
+    n = len(g.layers.indexes)
+    if g.type == BLOCKS:
+        return f"{n} of its {depth} blocks run as {n // 2} parallel pairs (`{g.name}`)"
+    return f"{n} of its {depth} {OPERATED[g.type]} layers replaced by `{g.name}`"
+
+
+def speed_section(speed: dict[str, Any], graft: GraftSpec | None) -> list[str]:
+    """The baseline and this export's row of a speed.json (checked by `check_speed`), in every mode it measured:
+    median latencies and the paired speed-ups with their lowest and highest round."""
+    s = speed["setup"]
+    ours = graft.to_dict() if graft else None
+    rows = []
+    for row in speed["rows"]:
+        if row["graft"] is not None and row["graft"] != ours:
+            continue
+        for mode in speed["modes"]:
+            up = speed["speedups"][mode][row["name"]]
+            cells = [row["name"], mode]
+            for what, scale, digits in (("forward", 1e3, 1), ("sampling", 1, 2)):
+                times, ratio = row[mode][what], up[what]
+                cells += [f"{statistics.median(times['wall']) * scale:.{digits}f}" if times else "–",
+                          f"{ratio['median']:.2f}× ({ratio['low']:.2f}–{ratio['high']:.2f})" if ratio else "–"]
+            rows.append(cells)
+    bound = next(row["flop_bound"] for row in speed["rows"] if row["graft"] == ours)
+    return [f"**Speed** on {s['device']} ({s['dtype'].removeprefix('torch.')}, batch {s['batch']}, "
+            f"{s['tokens']:,} tokens (latent {s['latent_side']}²), {s['steps']}-step sampling with CFG "
+            f"{s['cfg']}):", "",
+            markdown_table(["model", "mode", "forward ms", "speed-up", "sampling s", "speed-up"], rows, "llrrrr"),
+            "", f"FLOP-bound speed-up {bound:.2f}×. Speed-ups are medians of per-round ratios to the baseline of "
+            f"the same mode (lowest–highest round). `card/{REPORTS['speed']}` (`python eval/speed.py`).", ""]
+
+
 def render_card(folder: Path, options: CardOptions) -> str:
     """README.md for an export folder: front matter, graft, training, evaluation, usage."""
     family, config, graft = _model_files(folder)
@@ -398,19 +436,20 @@ def render_card(folder: Path, options: CardOptions) -> str:
     name = options.hub_id or str(folder)
     title = (options.hub_id or (recipe.name if recipe else folder.name)).split("/")[-1]
     counts = parameter_counts(folder, graft)
-    evaluation, results = evaluation_section(folder, family)
+    evaluation, results = evaluation_section(folder, family, graft)
     operators = sorted({g.name for g in graft.grafts}) if graft else []
     card = ModelCardData(
         base_model=base, base_model_relation="finetune" if base else None,
         license=options.license or (family.license if base else None), library_name="diffusers",
         pipeline_tag=family.pipeline_tag, tags=["grafting", "diffusion-transformer", family.tag, *operators],
         model_name=name if results else None, eval_results=results or None)
-    replaced = " and ".join(f"{len(g.layers.indexes)} of its {config.depth} {OPERATED[g.type]} layers replaced by "
-                           f"`{g.name}`" for g in graft.grafts) if graft else "no operator replaced"
+    replaced = " and ".join(_change_words(g, config.depth) for g in graft.grafts) if graft else "no operator replaced"
     intro = [f"# {title}", "",
              f"{family.title} ({f'`{base}`' if base else 'base model not recorded'}) with {replaced}, made by "
-             f"grafting: {PAPER}. Stage 1 distils each new operator from the layer it replaces; stage 2 finetunes "
-             "the whole model.", "",
+             f"grafting: {PAPER}. Stage 1 distils each new operator from the layer it replaces"
+             + ("" if graft is None or all(g.type != BLOCKS for g in graft.grafts) else
+                " and each parallel pair from the residual update of the two blocks it replaces")
+             + "; stage 2 finetunes the whole model.", "",
              f"- Base model: {f'`{base}`' if base else 'not recorded'} ({base_source}).",
              f"- License: {card.license or 'not set (--license)'}"
              + (" (the base model's)" if card.license and not options.license else "") + ".", ""]

@@ -18,6 +18,7 @@ class RunLog:
         self.writer = None
         if enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
+            repair_metrics(self.folder / "metrics.jsonl")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.folder / "tensorboard"))
@@ -38,13 +39,43 @@ class RunLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics file; for steps logged twice (a resumed run) the last row wins."""
+    """Rows of a metrics file; for steps logged twice (a resumed run) the last row wins. A line that is not a
+    JSON row (the torn last line a full disk or a kill leaves) is skipped with a warning naming it."""
     rows: dict[int, dict[str, Any]] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            row = _row(line)
+            if row is None:
+                if line.strip():
+                    log.warning("%s:%d: skipped a line that is not a metrics row: %.80r", path, number, line)
+                continue
             rows[row["step"]] = {**rows.get(row["step"], {}), **row}
     return [rows[s] for s in sorted(rows)]
+
+
+def repair_metrics(path: Path) -> None:
+    """Cut a torn last line off a metrics file (a write the disk or a kill interrupted), so that rows appended
+    next start on a line of their own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    tail = data[keep:]
+    if tail and _row(tail.decode("utf-8", errors="replace")) is not None:  # a whole row, only its newline lost
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    elif tail:
+        log.warning("%s: cut a torn last line (%d bytes): %.80r", path, len(tail), tail)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def plot_curves(metrics: Path, png: Path, title: str) -> None:

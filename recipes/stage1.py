@@ -2,7 +2,9 @@
 
 Hooks on the targeted teacher operators record each operator's input (the teacher's own activations: teacher
 forcing) and output (for attention, the output before the residual gate). Each student regresses its operator's
-output from that input. All students learn from the same forward pass, and no activation is stored on disk.
+output from that input. A parallel pair of blocks (a, a + 1) regresses the two blocks' residual update (block a + 1's
+output minus block a's input) from block a's inputs. All students learn from the same forward pass, and no
+activation is stored on disk.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ from torch import nn
 from common.files import save_json, save_text
 from common.runtime import pick_device
 from common.tables import markdown_table
+from models import compile as compiling
 from models.diffusion import GaussianDiffusion
-from models.graft import Graft, GraftSpec
+from models.graft import BLOCKS, Graft, GraftSpec
 from models.operators.kernels import log_backends_once
+from models.parallel_blocks import pair_paths
 from models.weights import read_state_dict, save_safetensors
 from recipes import loop
 from recipes.batches import BatchSource, call_model, noise_batch, to_device
-from recipes.builders import build_source, build_teacher, check_held_out
+from recipes.builders import build_diffusion, build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
 from recipes.distributed import barrier
@@ -43,16 +47,36 @@ def module_name(path: str) -> str:
 
 
 class ActivationTap:
-    """Forward hooks that record (input, token grid, output) of the targeted teacher operators."""
+    """Forward hooks that record (input, token grid, output) of the targeted teacher operators; for a parallel pair
+    (`blocks.{a}`), (block a's input, its other arguments, the residual update of blocks a and a + 1)."""
 
     def __init__(self, model: nn.Module, paths: list[str]):
         self.records: dict[str, tuple[torch.Tensor, tuple | None, torch.Tensor]] = {}
-        self.handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths]
+        self.pair_inputs: dict[str, tuple] = {}
+        self.handles = []
+        for p in paths:
+            pair = pair_paths(p)
+            if pair is None:
+                self.handles.append(model.get_submodule(p).register_forward_hook(self._hook(p)))
+            else:
+                self.handles += [model.get_submodule(pair[0]).register_forward_hook(self._pair_input(p)),
+                                 model.get_submodule(pair[1]).register_forward_hook(self._pair_output(p))]
 
     def _hook(self, path: str):
         def record(module, args, output):
             hw = args[1] if len(args) > 1 else None
             self.records[path] = (args[0].detach(), hw, output.detach())
+        return record
+
+    def _pair_input(self, path: str):
+        def record(module, args, output):
+            self.pair_inputs[path] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        return record
+
+    def _pair_output(self, path: str):
+        def record(module, args, output):
+            x, *rest = self.pair_inputs.pop(path)
+            self.records[path] = (x, tuple(rest), output.detach() - x)
         return record
 
     def take(self) -> dict[str, tuple[torch.Tensor, tuple | None, torch.Tensor]]:
@@ -74,7 +98,9 @@ class StudentBank(nn.Module):
         for path in self.paths:
             x, hw = inputs[path]
             student = self.students[module_name(path)]
-            outputs[path] = student(x, hw) if self.kinds[path] == "mha" else student(x)
+            kind = self.kinds[path]
+            outputs[path] = student(x, hw) if kind == "mha" else student.update(x, *hw) if kind == BLOCKS else \
+                student(x)
         return outputs
 
     def student_state(self, full: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
@@ -107,12 +133,21 @@ def teacher_records(teacher: nn.Module, tap: ActivationTap, diffusion: GaussianD
     return tap.take()
 
 
+def cast(value, dtype: torch.dtype | None):
+    """`value` (a tensor, a tuple of a parallel pair's block arguments, a token grid) with its floating-point tensors
+    in `dtype`; unchanged if `dtype` is None."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(cast(v, dtype) for v in value)
+    return value
+
+
 def student_losses(engine, records: dict, losses: dict[str, str], delta: float, dtype: torch.dtype | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every student on its teacher input (cast to `dtype`, the students' parameter dtype, if given): (loss per
-    layer, output per layer)."""
-    outputs = engine({p: (records[p][0] if dtype is None else records[p][0].to(dtype), records[p][1])
-                      for p in losses})
+    """Every student on its teacher input (its floating-point tensors cast to `dtype`, the students' parameter
+    dtype, if given): (loss per layer, output per layer)."""
+    outputs = engine({p: (cast(records[p][0], dtype), cast(records[p][1], dtype)) for p in losses})
     return {p: regression_loss(kind, outputs[p], records[p][2], delta) for p, kind in losses.items()}, outputs
 
 
@@ -185,8 +220,6 @@ class Distiller:
         self.precision = Precision.resolve(recipe.deepspeed.precision)  # the students'
         self.teacher_precision = Precision(self.cfg.teacher_precision)
         self.batch_size = recipe.batch_size("stage1")
-        if self.cfg.select_on == "held_out":
-            check_held_out(recipe, self.cfg.shards)
         self.teacher = build_teacher(recipe).to(self.dev, self.teacher_precision.param_dtype).requires_grad_(False)
         spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
         grafts = spec.targets(self.teacher)
@@ -198,6 +231,10 @@ class Distiller:
         torch.manual_seed(recipe.seed)  # the same student initialisation on every rank
         students = {p: op.float() for p, op in spec.build_operators(self.teacher).items() if p in self.paths}
         self.bank = StudentBank(students, grafts).to(self.dev)
+        if self.cfg.compile:
+            compiling.for_inference(self.teacher)
+            for student in self.bank.students.values():
+                compiling.for_training(student)
         log_backends_once(self.teacher, "stage 1 teacher")
         log_backends_once(self.bank, "stage 1 students")
         self.data_rank, self.data_world = (0, 1) if self.split else (rank, world_size)
@@ -210,7 +247,7 @@ class Distiller:
             else deepspeed_engine(self.bank, recipe, self.cfg.optim, self.cfg.steps, world_size, self.batch_size,
                                   groups, milestones))
         self.tap = ActivationTap(self.teacher, self.paths)
-        self.diffusion = GaussianDiffusion()
+        self.diffusion = build_diffusion(recipe)
         self.losses = {p: self.cfg.loss[grafts[p].type] for p in self.paths}
         self.writes = self.split or rank == 0  # writes the best students and the logs of its students
         self.best = BestStudents(best_dir(recipe), grafts, self.losses, self.writes)
@@ -286,7 +323,7 @@ class Distiller:
         return {p: (sq_err[p] / sq_ref[p].clamp(min=1e-30)).sqrt().item() for p in self.paths}
 
 
-def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -> Path:
+def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None, run_id: str) -> Path:
     """Distil every targeted layer; returns the folder of the best student per layer (`<path>.safetensors`)."""
     out, cfg = recipe.out / "stage1", recipe.stage1
     distiller = Distiller(recipe, rank, world_size)
@@ -295,7 +332,7 @@ def run_stage1(recipe: Recipe, rank: int, world_size: int, resume: str | None) -
                        total_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                        micro_step=distiller.micro_step, after_step=distiller.after_step,
                        state=distiller.best.state, load_state=distiller.best.load_state)
-    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank),
+    loop.run(stage=stage, checkpoints=CheckpointManager(out / "checkpoints", recipe.keep_checkpoints, rank, run_id),
              runlog=runlog, seed=recipe.seed, accumulation=recipe.deepspeed.gradient_accumulation, rank=rank,
              resume=resume)
     runlog.close(f"{recipe.name}: stage 1")

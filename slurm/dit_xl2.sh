@@ -10,7 +10,7 @@
 # Same design as pixart_hyena_x.sh (read its header): one job, ranks under srun, finished steps skipped, requeue
 # near the time limit, training resumed from its last complete checkpoint.
 #
-# Arguments: [RECIPE] [--set KEY=VALUE ...] — the recipe overrides go to both training stages.
+# Arguments: [RECIPE] [--set KEY=VALUE ...] [--allow-change KEY ...] — both go to both training stages.
 # Environment:
 #   RECIPE          the recipe, if not given as an argument  [recipes/dit_xl2/mha_hyena_x_50.yaml]
 #   OUT             run folder: stage1/ stage2/ export/ fid/, and slurm/ (finished steps)  [the recipe's output_dir]
@@ -44,6 +44,7 @@ source "$REPO/slurm/steps.sh" || { echo "error: run sbatch from the repository r
 job_setup
 
 if [[ $# -gt 0 && $1 != -* ]]; then RECIPE=$1; shift; fi
+check_train_args "$@"
 RECIPE=${RECIPE:-recipes/dit_xl2/mha_hyena_x_50.yaml}
 DATA=${DATA:-data/imagenet256}
 VAE=${VAE:-weights/sd-vae-ft-ema}

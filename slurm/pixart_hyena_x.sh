@@ -13,7 +13,7 @@
 # preemption or a node failure lose at most the steps since the last checkpoint. `python slurm/launch.py` runs the
 # same pipeline as dependent jobs instead (job arrays for the data, per-step resources).
 #
-# Arguments: [RECIPE] [--set KEY=VALUE ...] — the recipe overrides go to both training stages.
+# Arguments: [RECIPE] [--set KEY=VALUE ...] [--allow-change KEY ...] — both go to both training stages.
 # Environment (sbatch passes the submitting shell's environment to the job):
 #   RECIPE         the recipe, if not given as an argument  [recipes/pixart_sigma_2k_hyena_x_50.yaml]
 #   OUT            run folder: stage1/ stage2/ export/ geneval/ speed/, and slurm/ (finished steps)
@@ -51,6 +51,7 @@ source "$REPO/slurm/steps.sh" || { echo "error: run sbatch from the repository r
 job_setup
 
 if [[ $# -gt 0 && $1 != -* ]]; then RECIPE=$1; shift; fi
+check_train_args "$@"
 RECIPE=${RECIPE:-recipes/pixart_sigma_2k_hyena_x_50.yaml}
 PIPELINE=${PIPELINE:-weights/pixart_sigma_base}
 TEACHER=${TEACHER:-weights/pixart_sigma_2k}

@@ -70,6 +70,21 @@ step() {
     echo "== $name: done in $((SECONDS - started)) s"
 }
 
+# The arguments for both training steps: recipe overrides (`--set`) and `--allow-change` only. A job resumes its
+# run by itself at every requeue, so `--start-over` would delete the run again at each one (and stage 2 would
+# delete stage 1's students), and `--resume` would pin one checkpoint; both are refused before any step starts.
+check_train_args() {
+    local arg
+    for arg in "$@"; do
+        case $arg in
+            --start-over | --resume | --resume=*)
+                echo "error: $arg is not for the pipeline: every run of the job continues its run folder. To start" \
+                    "over, delete the run folder (OUT) first, or give another OUT" >&2
+                exit 2 ;;
+        esac
+    done
+}
+
 # The run folder a recipe and its `--set` overrides resolve to; validates both before any step starts.
 recipe_out() {
     "$PYTHON" -c 'import sys

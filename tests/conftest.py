@@ -116,3 +116,19 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     from models.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="session")
+def shapes_pipeline(tmp_path_factory) -> Path:
+    """A tiny, random stand-in of the shapes teacher's pipeline (the teacher's own components, unpretrained T5 of
+    width 32, a 2-block transformer)."""
+    from models.pixart import PixArtSigma
+    from recipes.shapes_teacher import write_components
+
+    folder = write_components(tmp_path_factory.mktemp("shapes-pipeline"), text_dim=32, text_steps=0)
+    config = PixArtSigma.make_config(None, hidden_size=32, depth=2, num_heads=2, in_channels=12, out_channels=12,
+                                     sample_size=16, interpolation_scale=1.0, caption_channels=32,
+                                     model_max_length=16)
+    torch.manual_seed(0)
+    PixArtSigma(config).save_pretrained(folder / "transformer")
+    return folder

@@ -24,6 +24,7 @@ import torch
 
 from common.files import check_or_record, file_sha256, save_json, save_text
 from common.hub import local_path
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from common.tables import markdown_table
 from eval.dit_args import add_dit_checkpoint_args, arch_overrides, dit_from_args
@@ -39,6 +40,7 @@ from eval.fid.sampling import (
     sample_chunks,
 )
 from eval.rank_wait import wait_for
+from models import compile as compiling
 from models.pretrained import model_sha256
 from models.vae import LatentVAE
 
@@ -64,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     sample.add_argument("--device", default="auto")
     sample.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    compiling.add_argument(sample)
     sample.add_argument("--rank-wait", type=float, default=6 * 3600,
                         help="seconds rank 0 waits for the other ranks' chunks before packing")
 
@@ -85,6 +88,8 @@ def run_sample(args: argparse.Namespace) -> Path | None:
     device, dtype = pick_device(args.device), parse_dtype(args.dtype)
     arch = arch_overrides(args)
     model = dit_from_args(args, dtype).to(device)
+    if args.compile:
+        compiling.for_inference(model)
     vae = LatentVAE(args.vae, device=device, dtype=dtype)
     settings = SamplingSettings(
         checkpoint=str(local_path(args.ckpt).resolve()), checkpoint_sha256=model_sha256(args.ckpt, "transformer"),
@@ -171,6 +176,7 @@ def metrics_row(metrics: dict[str, float], num_samples: int) -> tuple[list[str],
 
 
 def main(argv: list[str] | None = None) -> Path | None | dict:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     setup_logging(Rank.from_env().rank)
     return run_sample(args) if args.command == "sample" else run_score(args)

@@ -2,6 +2,8 @@
 
     python eval/geneval.py --ckpt EXPORT_OR_TRANSFORMER --pipeline PIXART_SIGMA_FOLDER --out runs/geneval \\
         --detector-path weights/mask2former-swin-small-coco-instance --clip weights/clip-vit-l-14-openai
+    python eval/geneval.py --world shapes --out runs/geneval-shapes        # the shipped shapes teacher, exact detector
+    python eval/geneval.py --world shapes --ckpt runs/demo/graft/export --metadata my_prompts.jsonl --out ...
     python eval/geneval.py --stage score --images IMAGE_FOLDER --out runs/geneval-other ...   # any image folder
     python eval/geneval.py --from-detections runs/geneval/detections.json --out runs/rescored  # no models
 
@@ -23,6 +25,7 @@ import torch
 
 from common.files import file_sha256
 from common.hub import local_path
+from common.lifeline import end_with_launcher
 from common.runtime import Rank, parse_dtype, pick_device, setup_logging
 from eval.geneval.colours import ClipColorClassifier
 from eval.geneval.detections import (
@@ -41,6 +44,7 @@ from eval.geneval.prompts import (
     METADATA,
     OBJECT_NAMES,
     TAGS,
+    check_records,
     official_file,
     read_metadata,
     read_object_names,
@@ -48,8 +52,10 @@ from eval.geneval.prompts import (
 )
 from eval.geneval.report import write_grid, write_results, write_scores, write_summary
 from eval.geneval.rules import ScoringOptions
-from eval.geneval.scoring import prompt_agnostic_baseline, score_image, summarize
+from eval.geneval.scoring import Summary, prompt_agnostic_baseline, score_image, summarize
+from eval.geneval.worlds import WORLDS, get_world
 from eval.rank_wait import wait_for
+from models import compile as compiling
 from models.pretrained import is_grafted
 from models.sampling import TextToImage
 
@@ -63,12 +69,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage", choices=["all", "generate", "score"], default="all",
                         help="generate and score (default), only generate, or only score an existing image folder")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--world", choices=["coco", *sorted(WORLDS)], default="coco",
+                        help="coco: the official harness (Mask2Former/mmdet + CLIP); shapes: the shapes world, scored "
+                        "by its exact detector and colour classifier, with its held-out prompts and shipped teacher "
+                        "as defaults")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("--ckpt", type=Path, help="the transformer: our export folder (plain or grafted), a diffusers "
-                     "transformer folder, or an original .pth (with --preset)")
+                     "transformer folder, or an original .pth (with --preset); default with --world: the pipeline's")
     gen.add_argument("--pipeline", type=Path, help="diffusers-style PixArt-Sigma folder with text_encoder/, "
-                     "tokenizer/ and vae/")
+                     "tokenizer/ and vae/ (and scheduler/); default with --world: the world's shipped teacher")
     gen.add_argument("--preset", help="architecture preset for an original .pth")
     gen.add_argument("--seed", type=int, default=42, help="sample j of every prompt uses seed + j (reference: 42)")
     gen.add_argument("--samples-per-prompt", type=int, default=4)
@@ -80,9 +90,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--height", type=int, default=None, help="pixels (default: the model's trained size)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="generation dtype")
+    compiling.add_argument(gen)
 
     sel = parser.add_argument_group("prompts")
-    sel.add_argument("--metadata", type=Path, help="evaluation_metadata.jsonl (default: fetched, sha256-pinned)")
+    sel.add_argument("--metadata", type=Path, help="any prompt file in GenEval's schema (default: the official "
+                     "evaluation_metadata.jsonl, fetched and sha256-pinned; with --world, the world's held-out "
+                     "prompts). Scores on another file are not comparable with published GenEval numbers")
     sel.add_argument("--object-names", type=Path, help="object_names.txt (default: fetched, sha256-pinned)")
     sel.add_argument("--cache-dir", type=Path, help="where fetched GenEval files are kept (~/.cache/grafting/geneval)")
     sel.add_argument("--tags", nargs="+", choices=TAGS, metavar="TAG", help=f"only these tags ({', '.join(TAGS)})")
@@ -111,6 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    end_with_launcher()  # a worker of a killed torchrun must not go on writing
     args = parse_args(argv)
     rank = Rank.from_env()
     setup_logging(rank.rank)
@@ -119,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.from_detections:
         detections, run = load_detections(args.from_detections, options)
         report(detections, options, {**run, "rescored": {"command": command, "from": str(args.from_detections),
-                                                         "scoring_options": options.to_dict()}}, args)
+                                                         "scoring_options": options.to_dict()}},
+               args.out, args.prompt_agnostic_baseline)
         return
+    apply_world_defaults(args)
     check_model_args(args)
     images_dir = args.images or args.out / "images"
     if args.stage != "score":
@@ -130,16 +146,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if rank.rank != 0:
         log.info("rank %d done; rank 0 scores", rank.rank)
         return
-    run = {"command": command, "images": str(images_dir), "generation": _recorded_generation(images_dir)}
+    run = {"command": command, "world": args.world, "images": str(images_dir),
+           "generation": _recorded_generation(images_dir)}
     detections, run = run_detection(args, images_dir, options, run)
-    report(detections, options, run, args)
+    report(detections, options, run, args.out, args.prompt_agnostic_baseline)
+
+
+def apply_world_defaults(args: argparse.Namespace) -> None:
+    """A synthetic world samples its shipped teacher unless told otherwise."""
+    if args.world == "coco":
+        return
+    world = get_world(args.world)
+    args.pipeline = args.pipeline or world.teacher
+    args.ckpt = args.ckpt or args.pipeline
 
 
 def check_model_args(args: argparse.Namespace) -> None:
     """Fail before hours of generation, not after, when a model path for a later stage is missing."""
     if args.stage != "score" and (args.ckpt is None or args.pipeline is None):
         raise SystemExit("generation needs --ckpt and --pipeline (or use --stage score on an existing image folder)")
-    if args.stage != "generate":
+    if args.stage != "generate" and args.world == "coco":
         if args.detector_path is None or args.clip is None:
             raise SystemExit("scoring needs --detector-path and --clip (see docs/geneval.md for the weights)")
         if args.detector == "mmdet" and args.mmdet_config is None:
@@ -147,10 +173,33 @@ def check_model_args(args: argparse.Namespace) -> None:
                              "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py)")
 
 
+def class_names(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The detector's classes, and what to record about where they came from."""
+    if args.world != "coco":
+        return list(get_world(args.world).class_names), {}
+    names_file = official_file(OBJECT_NAMES, args.object_names, args.cache_dir)
+    return read_object_names(names_file), {"object_names_sha256": file_sha256(names_file)}
+
+
+def load_prompts(args: argparse.Namespace) -> list[dict]:
+    """The prompt records to generate: `--metadata` (any file in GenEval's schema), else the world's default
+    set (COCO: the official file, fetched and sha256-pinned), checked against the detector's classes."""
+    if args.metadata is None:
+        if args.world == "coco":
+            return read_metadata(official_file(METADATA, None, args.cache_dir))
+        world = get_world(args.world)
+        return world.splits(world.default_split)
+    if args.world == "coco" and file_sha256(args.metadata) != METADATA[2]:
+        log.warning("%s is not GenEval's official prompt file: its scores are not comparable with published "
+                    "GenEval numbers", args.metadata)
+    records = read_metadata(args.metadata)
+    check_records(records, class_names(args)[0], str(args.metadata))
+    return records
+
+
 def run_generation(args: argparse.Namespace, images_dir: Path, rank: Rank) -> None:
     """This rank's images; rank 0 then waits until every rank's images exist."""
-    prompts = select_prompts(list(enumerate(read_metadata(official_file(METADATA, args.metadata, args.cache_dir)))),
-                             args.tags, args.limit)
+    prompts = select_prompts(list(enumerate(load_prompts(args))), args.tags, args.limit)
     ckpt = local_path(args.ckpt, "--ckpt")
     settings = GenerationSettings(
         ckpt=str(ckpt.resolve()), pipeline=str(local_path(args.pipeline, "--pipeline").resolve()),
@@ -160,7 +209,7 @@ def run_generation(args: argparse.Namespace, images_dir: Path, rank: Rank) -> No
 
     def load_pipe() -> TextToImage:
         return TextToImage.from_paths(args.pipeline, args.ckpt, args.preset, device=str(pick_device(args.device)),
-                                      dtype=parse_dtype(args.dtype))
+                                      dtype=parse_dtype(args.dtype), compile=args.compile)
 
     written = generate(load_pipe, prompts, images_dir, settings, args.batch_size, rank)
     log.info("rank %d wrote %d images to %s", rank.rank, written, images_dir)
@@ -182,14 +231,17 @@ def run_detection(args: argparse.Namespace, images_dir: Path, options: ScoringOp
     selected = {index for index, _ in select_prompts(folder_prompts, args.tags, args.limit)}
     images = [img for img in images if img.index in selected]
     log.info("scoring %d images of %d prompts in %s", len(images), len(selected), images_dir)
-    names_file = official_file(OBJECT_NAMES, args.object_names, args.cache_dir)
-    class_names = read_object_names(names_file)
-    device = pick_device(args.device)
-    detector = build_detector(args, class_names, device, storage_threshold(options))
-    classifier: ColorClassifier = ClipColorClassifier.from_path(args.clip, device)
+    names, names_record = class_names(args)
+    if args.world == "coco":
+        device = pick_device(args.device)
+        detector = build_detector(args, names, device, storage_threshold(options))
+        classifier: ColorClassifier = ClipColorClassifier.from_path(args.clip, device)
+    else:
+        world = get_world(args.world)
+        detector, classifier = world.detector(), world.classifier()
     detections = detect_images(images, detector, classifier, options)
-    run = {**run, "object_names_sha256": file_sha256(names_file), "scoring_options": options.to_dict(),
-           "detector": detector.info, "color_classifier": classifier.info}
+    run = {**run, **names_record, "scoring_options": options.to_dict(), "detector": detector.info,
+           "color_classifier": classifier.info}
     save_detections(args.out / "detections.json", detections, options, run)
     return detections, run
 
@@ -202,18 +254,18 @@ def build_detector(args: argparse.Namespace, class_names: list[str], device: tor
     return Mask2FormerDetector.from_path(args.detector_path, class_names, device, shortest, longest, min_score)
 
 
-def report(detections: Sequence[ImageDetections], options: ScoringOptions, run: dict,
-           args: argparse.Namespace) -> None:
+def report(detections: Sequence[ImageDetections], options: ScoringOptions, run: dict, out: Path,
+           baseline: bool = True) -> Summary:
     """Score stored detections and write results.jsonl, scores.json, summary.md and grid.png."""
     rows = [score_image(d, options) for d in detections]
-    baseline = prompt_agnostic_baseline(detections, options) if args.prompt_agnostic_baseline else None
-    summary = summarize(rows, baseline)
-    write_results(rows, args.out / "results.jsonl")
-    write_scores(summary, run, args.out / "scores.json")
-    write_summary(summary, run, args.out / "summary.md")
-    write_grid(rows, args.out / "grid.png")
+    summary = summarize(rows, prompt_agnostic_baseline(detections, options) if baseline else None)
+    write_results(rows, out / "results.jsonl")
+    write_scores(summary, run, out / "scores.json")
+    write_summary(summary, run, out / "summary.md")
+    write_grid(rows, out / "grid.png")
     log.info("GenEval overall %.5f over %d tags (%s) → %s", summary.overall, len(summary.tags),
-             ", ".join(f"{tag} {t.score:.3f}" for tag, t in summary.tags.items()), args.out)
+             ", ".join(f"{tag} {t.score:.3f}" for tag, t in summary.tags.items()), out)
+    return summary
 
 
 if __name__ == "__main__":

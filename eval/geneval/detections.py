@@ -12,6 +12,7 @@ against other prompts (the prompt-agnostic baseline):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from common.files import save_text
 from eval.geneval.colours import object_crop
 from eval.geneval.layout import GeneratedImage
+from eval.geneval.prompts import MetadataError, check_metadata
 from eval.geneval.rules import Detection, ScoringOptions, rank_detections
 
 FORMAT = "grafting-geneval-detections/1"
@@ -106,15 +108,55 @@ def save_detections(path: Path, detections: Sequence[ImageDetections], options: 
 
 def load_detections(path: str | Path, options: ScoringOptions) -> tuple[list[ImageDetections], dict]:
     """Stored detections and the run settings they were made with, after checking `options` can re-score them."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a GenEval detections file of this harness (format {data.get('format')!r})")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise MetadataError(f"{path}: not a JSON detections file ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise MetadataError(f"{path}: not a GenEval detections file of this harness (format {found!r})")
+    header = {"stored_above": (int, float), "max_objects": int, "bgcolor": str, "crop": bool, "colors": list,
+              "run": dict, "images": list}
+    for key, kind in header.items():
+        value = data.get(key)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise MetadataError(f"{path}: field {key}: expected {getattr(kind, '__name__', 'a number')}, got "
+                                f"{value!r}")
     _check_rescorable(path, data, options)
-    detections = [ImageDetections(entry["filename"], entry["metadata"],
-                                  {name: [Detection(tuple(o["box"]), o["score"], color=o["color"]) for o in objs]
-                                   for name, objs in entry["objects"].items()})
-                  for entry in data["images"]]
-    return detections, data["run"]
+    return [_image_entry(entry, f"{path}: images[{i}]") for i, entry in enumerate(data["images"])], data["run"]
+
+
+def _image_entry(entry: object, where: str) -> ImageDetections:
+    """One image of a detections file, every field checked; errors name the file, the image and the field."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+        raise MetadataError(f"{where}: field filename: expected an object with a file name, got {entry!r:.80}")
+    where = f"{where} ({entry['filename']})"
+    metadata = check_metadata(entry.get("metadata"), f"{where} metadata")
+    objects = entry.get("objects")
+    if not isinstance(objects, dict):
+        raise MetadataError(f"{where}: field objects: expected an object of class → detections, got {objects!r:.80}")
+    parsed = {}
+    for name, found in objects.items():
+        if not isinstance(found, list):
+            raise MetadataError(f"{where}: field objects.{name}: expected a list, got {found!r:.80}")
+        parsed[name] = [_detection(o, f"{where}: field objects.{name}[{j}]") for j, o in enumerate(found)]
+    return ImageDetections(entry["filename"], metadata, parsed)
+
+
+def _detection(obj: object, where: str) -> Detection:
+    def number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(obj, dict):
+        raise MetadataError(f"{where}: expected an object with box, score and color, got {obj!r:.80}")
+    box, score, color = obj.get("box"), obj.get("score"), obj.get("color")
+    if not isinstance(box, list) or len(box) != 4 or not all(number(v) for v in box):
+        raise MetadataError(f"{where}.box: expected four finite numbers (x1, y1, x2, y2), got {box!r:.80}")
+    if not number(score):
+        raise MetadataError(f"{where}.score: expected a finite number, got {score!r:.80}")
+    if color is not None and not isinstance(color, str):
+        raise MetadataError(f"{where}.color: expected a colour name or null, got {color!r:.80}")
+    return Detection(tuple(box), score, color=color)
 
 
 def _check_rescorable(path: str | Path, data: dict, options: ScoringOptions) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.files import save_text
+from eval.geneval.prompts import MetadataError, check_metadata
 
 SAMPLE_NAME = re.compile(r"(\d+)\.png")  # re.match: a prefix match, as upstream
 
@@ -51,7 +52,11 @@ def list_images(images_dir: str | Path) -> list[GeneratedImage]:
         meta_path = folder / "metadata.jsonl"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: missing; every prompt folder needs its metadata record")
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise MetadataError(f"{meta_path}: not a JSON prompt record ({err})") from None
+        check_metadata(metadata, f"{meta_path} (the images of {folder.name}/samples)")
         samples = folder / "samples"
         files = [p.name for p in samples.iterdir() if p.is_file()] if samples.is_dir() else []
         numbered = sorted((int(m[1]), n) for n in files if (m := SAMPLE_NAME.match(n)))

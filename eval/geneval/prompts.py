@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.files import download, file_sha256
 from data.prompts import read_jsonl
+from eval.geneval.rules import RELATIONS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,29 @@ def read_metadata(path: str | Path) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
 
 
+def check_records(records: Sequence[dict], class_names: Sequence[str], where: str) -> None:
+    """Refuse prompt records the rules cannot score: a missing prompt or tag, an include or exclude without a
+    known class and a positive count, a position that does not name an earlier include. Errors name the line."""
+    known = set(class_names)
+    for line, record in enumerate(records, start=1):
+        at = f"{where}:{line}"
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
+            raise ValueError(f"{at}: a GenEval record needs 'tag', 'prompt' and 'include'")
+        clauses = record.get("include")
+        if not isinstance(clauses, list) or not clauses:
+            raise ValueError(f"{at}: 'include' must be a non-empty list")
+        for i, req in enumerate(clauses + list(record.get("exclude", []))):
+            if not isinstance(req, dict) or req.get("class") not in known:
+                raise ValueError(f"{at}: class {req.get('class') if isinstance(req, dict) else req!r} is not one "
+                                 f"of the detector's classes ({', '.join(sorted(known)[:8])}, …)")
+            if not isinstance(req.get("count"), int) or req["count"] < 1:
+                raise ValueError(f"{at}: {req['class']!r} needs a positive integer 'count'")
+            position = req.get("position")
+            if position is not None and not (isinstance(position, list) and len(position) == 2
+                                             and isinstance(position[1], int) and 0 <= position[1] < i):
+                raise ValueError(f"{at}: position {position!r} must be [relation, index of an earlier include]")
+
+
 def read_object_names(path: str | Path) -> list[str]:
     """Class names in the detector's class-index order (GenEval's spellings of the 80 COCO classes)."""
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -84,6 +108,47 @@ def select_prompts(prompts: Sequence[Prompt], tags: Sequence[str] | None = None,
         taken[tag] = taken.get(tag, 0) + 1
         chosen.append((index, record))
     return chosen
+
+
+class MetadataError(ValueError):
+    """A prompt record or detections file does not have GenEval's fields; the message names file, image, field."""
+
+
+def check_metadata(record: object, where: str) -> dict:
+    """A prompt record as GenEval's rules read it: a known `tag`, a `prompt`, and `include` / `exclude` lists of
+    {class, count ≥ 1, optional color, optional position [relation, earlier include]}. `where` names the file and
+    image in errors."""
+    def fail(field: str, problem: str) -> MetadataError:
+        return MetadataError(f"{where}: field {field}: {problem}")
+
+    if not isinstance(record, dict):
+        raise MetadataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if record.get("tag") not in TAGS:
+        raise fail("tag", f"{record.get('tag')!r} is not one of GenEval's tags {list(TAGS)}")
+    if not isinstance(record.get("prompt"), str):
+        raise fail("prompt", f"expected a string, got {record.get('prompt')!r}")
+    for part in ("include", "exclude"):
+        items = record.get(part, [])
+        if not isinstance(items, list):
+            raise fail(part, f"expected a list, got {items!r}")
+        for i, req in enumerate(items):
+            name = f"{part}[{i}]"
+            if not isinstance(req, dict):
+                raise fail(name, f"expected an object, got {req!r}")
+            if not isinstance(req.get("class"), str):
+                raise fail(f"{name}.class", f"expected a class name, got {req.get('class')!r}")
+            count = req.get("count")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise fail(f"{name}.count", f"expected an integer ≥ 1, got {count!r}")
+            if "color" in req and not isinstance(req["color"], str):
+                raise fail(f"{name}.color", f"expected a colour name, got {req['color']!r}")
+            position = req.get("position")
+            if position is not None and not (
+                    part == "include" and isinstance(position, list) and len(position) == 2
+                    and position[0] in RELATIONS and isinstance(position[1], int) and 0 <= position[1] < i):
+                raise fail(f"{name}.position", f"expected [one of {list(RELATIONS)}, the index of an earlier "
+                                               f"include], got {position!r}")
+    return record
 
 
 def tag_order(tags: Sequence[str]) -> list[str]:

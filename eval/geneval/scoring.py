@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from eval.geneval.detections import ImageDetections
-from eval.geneval.prompts import tag_order
+from eval.geneval.prompts import TAGS, tag_order
 from eval.geneval.rules import ScoringOptions, details_json, evaluate, select_detections
 
 RESULT_FIELDS = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
@@ -68,6 +68,10 @@ def summarize(rows: Sequence[dict], baseline: dict[str, float] | None = None) ->
     """Aggregate results rows; prompts are told apart by their `metadata` string, as upstream."""
     if not rows:
         raise ValueError("no images were scored: check the image folder and --tags / --limit")
+    unknown = sorted({r["tag"] for r in rows} - set(TAGS))
+    if unknown:  # the overall score is the mean over GenEval's tags; another tag would change what it means
+        raise ValueError(f"results of unknown tags {unknown} (GenEval's are {list(TAGS)}); "
+                         f"e.g. {next(r['filename'] for r in rows if r['tag'] in unknown)}")
     by_prompt: dict[str, bool] = {}
     for row in rows:
         by_prompt[row["metadata"]] = by_prompt.get(row["metadata"], False) or row["correct"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.operators.kernels import FLASH_ATTN, PURE, XFORMERS
+from models.operators.kernels import FLASH_ATTN, XFORMERS, compiling, pure_backend
 
 #: Queries per block in the pure-PyTorch sliding-window path: memory O(N · (block + window)), not O(N²).
 WINDOW_BLOCK = 512
@@ -38,7 +38,10 @@ def masked_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     """
     key_mask = key_mask.to(torch.bool)
     lens = key_mask.sum(dim=1)
-    if bool((lens == 0).any()):
+    if compiling():  # checked on the device, without cutting the compiled graph
+        torch._assert_async((lens > 0).all(), "encoder attention mask has no valid token for a batch row; pass at "
+                            "least one (T5 always emits an end-of-sequence token)")
+    elif bool((lens == 0).any()):
         bad = torch.nonzero(lens == 0).flatten().tolist()
         raise ValueError(f"encoder attention mask has no valid token for batch rows {bad}; "
                          "pass at least one (T5 always emits an end-of-sequence token)")
@@ -47,7 +50,7 @@ def masked_key_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
         return sdpa(q, k, v, mask=key_mask[:, None, None, :], scale=scale, dropout_p=dropout_p)
 
     if dropout_p:  # xformers' path here has no dropout
-        return pure(), PURE
+        return pure(), pure_backend()
     return XFORMERS.run(lambda xops: _xformers_masked_key_attention(xops, q, k, v, key_mask, lens, scale), pure,
                         q, k, v)
 

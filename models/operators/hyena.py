@@ -52,10 +52,12 @@ class HyenaOperator(nn.Module):
         if x.shape[1] > self.l_max:
             raise ValueError(f"{self.name}: sequence of {x.shape[1]} tokens exceeds l_max={self.l_max}; "
                              "raise l_max in the operator config")
-        u = self.short_filter(self.in_proj(x).transpose(1, 2))  # (B, 3D, L)
-        q, k, v = u.split(self.d_model, dim=1)
-        y = q * self.inner_filter(k * v)
-        return self.out_proj(y.transpose(1, 2))
+        # Everything stays (B, L, ·) in memory: the convolutions take (B, C, L) transposed views of it.
+        u = self.short_filter(self.in_proj(x).transpose(1, 2)).transpose(1, 2)  # (B, L, 3D)
+        q, k, v = u.split(self.d_model, dim=-1)
+        y = self.inner_filter((k * v).transpose(1, 2)).transpose(1, 2)
+        y = y * q if torch.is_grad_enabled() else y.mul_(q)  # at inference, y's buffer is not needed again
+        return self.out_proj(y)
 
     def forward_flops(self, tokens: int) -> int:
         """Analytic forward FLOPs per sample: projections and the causal filters (the gates are elementwise)."""

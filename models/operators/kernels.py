@@ -6,6 +6,10 @@ info line, then the pure-PyTorch path. A package that is installed but fails to 
 another torch), or fails on its first call, is broken: one warning naming it and the error, then the pure path for
 the rest of the process. Every module that can use a kernel records the path it took in `backend`, so reports and
 logs say what actually ran (`backends`, `backend_summary`, `log_backends_once`).
+
+Inside `torch.compile`d code nothing is imported or tried for the first time: a kernel runs there only if it is
+loaded already (`load_all`, which `models.compile.compile_model` calls) and is marked `under_compile`; otherwise
+the pure path runs and the compiler fuses it with its neighbours (backend `compiled`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PURE = "torch"  # the backend name of every pure-PyTorch path
+COMPILED = "compiled"  # the pure-PyTorch path inside torch.compile'd code (fused by the compiler)
 T = TypeVar("T")
 
 
@@ -32,11 +37,25 @@ def eligible(tensors: tuple[torch.Tensor, ...], half_only: bool) -> bool:
     return not half_only or tensors[0].dtype in (torch.float16, torch.bfloat16)
 
 
-class OptionalKernel:
-    """One optional package (`module` is the import path of the part we call), loaded once per process."""
+def compiling() -> bool:
+    """Whether this code is being traced by torch.compile (then it must not import, try, or branch on data)."""
+    return torch.compiler.is_compiling()
 
-    def __init__(self, name: str, module: str, half_only: bool = False):
-        self.name, self.module, self.half_only = name, module, half_only
+
+def pure_backend() -> str:
+    """The backend name of a pure-PyTorch path run now: `compiled` under torch.compile, else `torch`."""
+    return COMPILED if compiling() else PURE
+
+
+class OptionalKernel:
+    """One optional package (`module` is the import path of the part we call), loaded once per process.
+
+    `under_compile`: call it from torch.compile'd code too (when already loaded); False for kernels the compiler
+    cannot trace or beats by fusing the pure path with what surrounds it.
+    """
+
+    def __init__(self, name: str, module: str, half_only: bool = False, under_compile: bool = True):
+        self.name, self.module, self.half_only, self.under_compile = name, module, half_only, under_compile
         self._loaded: ModuleType | None = None
         self._state = "unloaded"  # → ready → proven (its first call worked); or missing / broken
 
@@ -62,7 +81,11 @@ class OptionalKernel:
         """`kernel(package)` when the tensors can use it and the package works, else `pure()`; and the backend
         that ran. A failure on the kernel's first call marks it broken and falls back; later failures raise."""
         if not eligible(tensors, self.half_only):
-            return pure(), PURE
+            return pure(), pure_backend()
+        if compiling():
+            if self.under_compile and self._state in ("ready", "proven"):
+                return kernel(self._loaded), self.name
+            return pure(), COMPILED
         package = self.load()
         if package is None:
             return pure(), PURE
@@ -86,9 +109,19 @@ class OptionalKernel:
 
 
 FLASH_ATTN = OptionalKernel("flash_attn", "flash_attn", half_only=True)  # sliding-window attention
-XFORMERS = OptionalKernel("xformers", "xformers.ops", half_only=True)  # PixArt's masked cross-attention
+# PixArt's masked cross-attention; its block-diagonal mask needs the caption lengths on the host, which would cut
+# a compiled graph, so compiled code uses SDPA with the boolean mask instead.
+XFORMERS = OptionalKernel("xformers", "xformers.ops", half_only=True, under_compile=False)
 MAMBA_SSM = OptionalKernel("mamba_ssm", "mamba_ssm.ops.triton.ssd_combined")  # Mamba-2's chunked scan
-CAUSAL_CONV1D = OptionalKernel("causal_conv1d", "causal_conv1d")  # Hyena and Mamba-2 short convolutions
+# Hyena and Mamba-2 short convolutions; compiled code fuses the pure path's multiply-adds with the gates instead.
+CAUSAL_CONV1D = OptionalKernel("causal_conv1d", "causal_conv1d", under_compile=False)
+KERNELS = (FLASH_ATTN, XFORMERS, MAMBA_SSM, CAUSAL_CONV1D)
+
+
+def load_all() -> None:
+    """Import every optional kernel now (missing / broken ones say so once), so compiled code can call them."""
+    for kernel in KERNELS:
+        kernel.load()
 
 
 class UsesKernel:

@@ -17,7 +17,7 @@ from torch import nn
 
 from models.layers import linear_flops
 from models.operators.causal_conv import CausalDepthwiseConv1d
-from models.operators.kernels import MAMBA_SSM, UsesKernel
+from models.operators.kernels import MAMBA_SSM, UsesKernel, compiling
 
 
 class GatedRMSNorm(nn.Module):
@@ -42,47 +42,84 @@ class GatedRMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def decay_matrix(log_decay_cumsum: torch.Tensor) -> torch.Tensor:
-    """(..., T) cumulative log-decays → (..., T, T): [i, j] = exp(cum_i − cum_j), the decay from step j to i
-    (0 for j > i)."""
-    t = log_decay_cumsum.shape[-1]
-    causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=log_decay_cumsum.device))
-    diff = log_decay_cumsum[..., :, None] - log_decay_cumsum[..., None, :]
-    return torch.exp(diff.masked_fill(~causal, -math.inf))
+#: Chunk length of the pure-PyTorch scan. The result does not depend on it; 64 was fastest on the CPU for
+#: fwd+bwd at 256–4,096 tokens (`python -m eval.bench_operators --operators mha mamba2`; docs/benchmarks.md).
+#: The CUDA kernel uses the module's own `chunk_size`.
+PURE_CHUNK_SIZE = 64
+#: Largest log-decay inside one chunk for which the factored form exp(a_t) · exp(-a_s) stays inside float32's
+#: normal range (e^±60). The heads of chunks that decay faster take the segment-sum form instead.
+FACTORED_DECAY_LIMIT = 60.0
 
 
 def ssd_chunk_scan(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                    chunk_size: int) -> torch.Tensor:
     """Chunked SSD: y_t = Σ_{s≤t} (C_t · B_s) exp(a_{s+1} + … + a_t) x_s, memory O(L · chunk) instead of O(L²).
 
-    x (batch, L, heads, p) is the input already scaled by dt, a (batch, L, heads) the log-decay dt·A,
-    b and c (batch, L, heads, n). Lengths that are not a multiple of the chunk are zero-padded at the end,
-    which the causal scan never lets reach the real positions; a sequence shorter than `chunk_size` is one
-    chunk of its own length (the result does not depend on the chunking).
+    x (batch, L, heads, p) is the input already scaled by dt, a (batch, L, heads) the log-decay dt·A, b and c
+    (batch, L, groups, n) shared by the heads of a group. Lengths that are not a multiple of the chunk are
+    zero-padded at the end, which the causal scan never lets reach the real positions; a sequence shorter than
+    `chunk_size` is one chunk of its own length (the result does not depend on the chunking).
+
+    Every product is a batched matmul per (batch, chunk, group) with the group's heads side by side in its width
+    (B and C are never repeated per head): the C·Bᵀ scores, the states each chunk adds (B·x), and the output,
+    scores · (x · exp(-a)) + C · (incoming state), rescaled by exp(a). Factoring the decay exp(a_t - a_s) that way
+    needs no (t, s) matrix per head; heads of chunks whose decay leaves float32's range (`FACTORED_DECAY_LIMIT`)
+    are recomputed with that matrix (`segment_sum_scan`), as is everything under torch.compile, which cannot
+    branch on the data. The states cross the chunks in a recurrence over the chunks.
     """
-    length = x.shape[1]
+    batch, length, heads, p = x.shape
+    groups, n = b.shape[2:]
+    per_group = heads // groups
     chunk = min(chunk_size, length)
     pad = -length % chunk
-    x, a, b, c = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, a, b, c))
-    batch, _, heads, p = x.shape
-    x, b, c = (t.reshape(batch, -1, chunk, heads, t.shape[-1]) for t in (x, b, c))  # (b, chunk, l, h, ·)
-    a_cum = a.reshape(batch, -1, chunk, heads).cumsum(dim=2)  # (b, chunk, l, h), log-decay from chunk start
-    a_cum_t = a_cum.permute(0, 3, 1, 2)  # (b, h, chunk, l)
+    if pad:
+        x, a, b, c = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, a, b, c))
+    chunks = x.shape[1] // chunk
+    # (batch, chunk, group, position, ·): a group's heads sit side by side in the last axis
+    xg = x.reshape(batch, chunks, chunk, groups, per_group, p).transpose(2, 3)
+    bg, cg = (t.reshape(batch, chunks, chunk, groups, n).transpose(2, 3) for t in (b, c))
+    a_cum = a.reshape(batch, chunks, chunk, groups, per_group).transpose(2, 3).cumsum(dim=3)  # from chunk start
+    a_end = a_cum[:, :, :, -1]  # (batch, chunk, group, head): each chunk's total log-decay
 
-    # Within each chunk: a masked, decayed "attention" C·Bᵀ.
-    scores = torch.einsum("bclhn,bcshn->bhcls", c, b) * decay_matrix(a_cum_t)
-    y_intra = torch.einsum("bhcls,bcshp->bclhp", scores, x)
+    # What each chunk adds to the state by its end, then the state entering every chunk.
+    added = (xg * torch.exp(a_end[:, :, :, None] - a_cum)[..., None]).flatten(-2).transpose(-1, -2) @ bg
+    carried = torch.exp(a_end).repeat_interleave(p, dim=-1)[..., None]  # (batch, chunk, group, heads·p, 1)
+    state, entering = torch.zeros_like(added[:, 0]), []
+    for added_i, carried_i in zip(added.unbind(1), carried.unbind(1)):
+        entering.append(state)
+        state = state * carried_i + added_i
+    states_in = torch.stack(entering, dim=1).transpose(-1, -2)  # (batch, chunk, group, n, heads·p)
 
-    # State each chunk adds by its end, then the recurrence that carries states across chunks.
-    to_end = torch.exp(a_cum[:, :, -1:] - a_cum)[..., None]  # (b, chunk, l, h, 1)
-    chunk_states = torch.einsum("bclhn,bclhp->bchpn", b * to_end, x)
-    chunk_states = torch.cat([torch.zeros_like(chunk_states[:, :1]), chunk_states], dim=1)
-    across = decay_matrix(F.pad(a_cum_t[..., -1], (1, 0)).cumsum(dim=-1))  # (b, h, chunk+1, chunk+1)
-    states_in = torch.einsum("bhzc,bchpn->bzhpn", across, chunk_states)[:, :-1]  # state entering each chunk
+    scores = (cg @ bg.transpose(-1, -2)).tril()  # (batch, chunk, group, t, s): C_t · B_s for s ≤ t
+    inter = (cg @ states_in).unflatten(-1, (per_group, p))
+    if compiling():
+        intra = segment_sum_scan(xg.transpose(3, 4), a_cum.transpose(3, 4), scores[:, :, :, None]).transpose(3, 4)
+        return finish(intra + inter * torch.exp(a_cum)[..., None], length)
+    bounded = a_cum.clamp(min=-FACTORED_DECAY_LIMIT)  # exact where the decay fits, finite everywhere
+    scaled = (xg * torch.exp(-bounded)[..., None]).flatten(-2)
+    y = ((scores @ scaled).unflatten(-1, (per_group, p)) + inter) * torch.exp(bounded)[..., None]
+    fast = a_end < -FACTORED_DECAY_LIMIT  # (batch, chunk, group, head)
+    if bool(fast.any()):
+        where = fast.nonzero(as_tuple=True)
+        intra = segment_sum_scan(xg.transpose(3, 4)[where], a_cum.transpose(3, 4)[where], scores[where[:3]])
+        y = y.transpose(3, 4).index_put(where, intra + inter.transpose(3, 4)[where] * torch.exp(
+            a_cum.transpose(3, 4)[where])[..., None]).transpose(3, 4)
+    return finish(y, length)
 
-    # What the incoming state contributes at every position of its chunk.
-    y_inter = torch.einsum("bclhn,bchpn->bclhp", c * torch.exp(a_cum)[..., None], states_in)
-    return (y_intra + y_inter).reshape(batch, -1, heads, p)[:, :length]
+
+def finish(y: torch.Tensor, length: int) -> torch.Tensor:
+    """(batch, chunk, group, t, heads, p) → (batch, length, heads · groups, p), the padding cut off."""
+    batch, chunks, groups, chunk, per_group, p = y.shape
+    return y.transpose(2, 3).reshape(batch, chunks * chunk, groups * per_group, p)[:, :length]
+
+
+def segment_sum_scan(x: torch.Tensor, a_cum: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """The within-chunk part of one head with its decay as a (t, s) matrix exp(a_t - a_s): any decay rate, at the
+    cost of that matrix. x (…, t, p), a_cum (…, t), scores (…, t, s), with leading axes that broadcast."""
+    t = a_cum.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=a_cum.device).tril()
+    decay = torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, -math.inf))
+    return (scores * decay) @ x
 
 
 class Mamba2(UsesKernel, nn.Module):
@@ -169,7 +206,5 @@ class Mamba2(UsesKernel, nn.Module):
                   d: torch.Tensor) -> torch.Tensor:
         """The chunked SSD in float32: the exact reference of the fused kernel."""
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
-        heads_per_group = self.nheads // self.ngroups
-        b, c = (t.float().repeat_interleave(heads_per_group, dim=2) for t in (b, c))
-        y = ssd_chunk_scan(x.float() * dt[..., None], dt * a, b, c, self.chunk_size)
+        y = ssd_chunk_scan(x.float() * dt[..., None], dt * a, b.float(), c.float(), PURE_CHUNK_SIZE)
         return (y + x.float() * d.float()).to(x.dtype)

@@ -215,3 +215,24 @@ def test_too_few_shards_for_the_reader_slots(text_shards):
     with pytest.raises(ValueError, match="shards is empty"):
         ShardLoader(ReaderConfig(batch_size=2))
 
+
+
+def test_a_slot_whose_epoch_holds_only_bad_shards_draws_other_shards_next_epoch(tmp_path, caplog):
+    """3 of 4 shards are garbage: in some epochs a slot draws only garbage. It goes on with the next epoch's shards
+    instead of ending the run, and the batches it reads are all good samples."""
+    written = write_synthetic(tmp_path, 4, 4)  # one good shard of 4 samples
+    for n in range(1, 4):
+        (tmp_path / f"junk-{n}.tar").write_bytes(b"not a tar file" * 10)
+    loader = ShardLoader(ReaderConfig(shards=[str(tmp_path)], batch_size=4, num_workers=0), Rank(0, 2))
+    with caplog.at_level(logging.WARNING, logger="data.reader"):
+        batches = [b for b, _ in zip(loader, range(6))]
+    assert all(set(b["keys"]) == set(written) for b in batches)
+    assert loader.skipped["corrupt_shard"] >= 3
+    assert "gave no valid sample" in caplog.text and "going on with the next epoch" in caplog.text
+
+
+def test_a_data_set_without_any_good_sample_is_a_clear_error(tmp_path):
+    write_synthetic(tmp_path, 8, 4, latent_hw=lambda i: (16, 16))  # every latent of the wrong size
+    loader = ShardLoader(ReaderConfig(shards=[str(tmp_path)], batch_size=2, num_workers=0, latent_size=(8, 8)))
+    with pytest.raises(RuntimeError, match=r"none of the 2 shards holds a valid sample .*bad_shape"):
+        next(iter(loader))

@@ -165,3 +165,29 @@ def test_dit_pipeline_with_grafted_transformer_equals_our_sampler(dit_folders, t
     assert reloaded.transformer.model.config == transformer.model.config  # numerics included
     assert torch.equal(dit_latents(reloaded), latents)
     assert DiT.from_pretrained(tmp_path / "saved").graft is not None
+
+
+def test_dit_parallel_pairs_run_in_the_pipeline_and_save_and_load_again(dit_folders, tmp_path):
+    """A depth-halved DiT (blocks 0 and 1 as one parallel pair, merge moved off its sum) is a drop-in too: the
+    pipeline gives our sampler's latents, and its saved folder reloads the pairs in diffusers and in our loader."""
+    base, _ = dit_folders
+    model = DiT.from_pretrained(base, numerics="diffusers")
+    GraftSpec.from_dict({"grafts": [{"type": "blocks", "name": "parallel_pair", "layers": {"ratio": 1.0}}]}
+                        ).apply(model)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.merge.weight.add_(0.05 * torch.randn(block.merge.weight.shape, generator=generator))
+    model.save_pretrained(tmp_path / "export")
+    transformer = GraftedDiTTransformer2DModel.from_pretrained(tmp_path / "export")
+    assert len(transformer.model.blocks) == model.config.depth // 2
+    pipe = DiTPipeline.from_pretrained(base, transformer=transformer)
+    latents = dit_latents(pipe)
+    ours = sample_dit(model, seeded_noise([5, 6], (4, 8, 8)), torch.tensor(CLASSES), steps=DIT_STEPS,
+                      cfg_scale=DIT_CFG, guidance_channels=None, progress=False, scheduler=pipe.scheduler)
+    assert max_rel_err(latents, ours) <= 1e-5
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = DiTPipeline.from_pretrained(tmp_path / "saved")
+    assert reloaded.transformer.model.graft.to_dict() == model.graft.to_dict()
+    assert torch.equal(dit_latents(reloaded), latents)
+    assert len(DiT.from_pretrained(tmp_path / "saved").blocks) == model.config.depth // 2

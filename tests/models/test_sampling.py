@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 from PIL import Image
 
-from models.diffusion import pixart_scheduler, respaced_timesteps
+from models.diffusion import NoiseSchedule, pixart_scheduler, respaced_timesteps
 from models.dit import DiT
 from models.sampling import STEP_SEED_OFFSET, TextToImage, image_grid, sample_dit, seeded_noise
 from models.text_encoder import T5TextEncoder
@@ -52,6 +54,30 @@ def test_text_to_image_matches_diffusers_pipeline(tiny_pipeline):
     assert latents.shape == (2, 4, 8, 12)
     assert max_rel_err(latents, expected) <= 1e-4
     assert images.shape == (2, 3, 64, 96) and images.min() >= -1 and images.max() <= 1
+
+
+def test_a_pipelines_scheduler_folder_sets_prediction_schedule_and_clipping(tiny_pipeline, tmp_path):
+    """A v-prediction model on the cosine schedule with x0 clipping (the shapes teacher's sampler): our loop equals
+    diffusers' PixArtSigmaPipeline built with the same scheduler folder."""
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline, pipeline)
+    schedule = NoiseSchedule(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", clip_sample=1.0)
+    schedule.save(pipeline)
+    ours = TextToImage.from_paths(pipeline)
+    assert ours.schedule == schedule
+    latents, _ = ours(["two red circles"], seeds=[3], height=64, width=64, steps=5, cfg_scale=3.0, progress=False)
+    pipe = PixArtSigmaPipeline(tokenizer=ours.text_encoder.tokenizer, text_encoder=ours.text_encoder.model,
+                               vae=ours.vae.vae, scheduler=DPMSolverMultistepScheduler.from_pretrained(
+                                   pipeline / "scheduler"),
+                               transformer=PixArtTransformer2DModel.from_pretrained(pipeline / "transformer"))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(["two red circles"], negative_prompt="", num_inference_steps=5, guidance_scale=3.0, height=64,
+                    width=64, latents=seeded_noise([3], (4, 8, 8)), output_type="latent",
+                    use_resolution_binning=False, clean_caption=False, max_sequence_length=16).images
+    assert max_rel_err(latents, expected) <= 1e-4
+    unclipped, _ = TextToImage(ours.transformer, ours.text_encoder, ours.vae, replace(schedule, clip_sample=None))(
+        ["two red circles"], seeds=[3], height=64, width=64, steps=5, cfg_scale=3.0, progress=False)
+    assert not torch.allclose(unclipped, latents)  # the clipping is active on this random model
 
 
 def test_respaced_timesteps_follow_iddpm():

@@ -1,13 +1,14 @@
-"""Mamba-2: the chunked SSD scan equals the plain sequential recurrence, for every chunking."""
+"""Mamba-2: the chunked SSD scan equals the plain sequential recurrence (values and gradients), for every chunking
+and both forms of the within-chunk decay."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.operators import kernels
+from models.operators import kernels, mamba2
 from models.operators.kernels import MAMBA_SSM
-from models.operators.mamba2 import Mamba2
+from models.operators.mamba2 import Mamba2, ssd_chunk_scan
 
 # Large time steps (dt in [0.05, 0.5]) so that the scan, not the D skip, dominates the output.
 SMALL = dict(d_model=32, headdim=8, d_state=16, chunk_size=8, dt_min=0.05, dt_max=0.5)
@@ -82,19 +83,84 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("chunk_size", [1, 8, L, 64])
-def test_chunked_scan_matches_sequential_recurrence(variant, chunk_size):
-    op = make(**VARIANTS[variant], chunk_size=chunk_size)
+def test_mamba2_matches_sequential_recurrence(variant, chunk_size, monkeypatch):
+    monkeypatch.setattr(mamba2, "PURE_CHUNK_SIZE", chunk_size)
+    op = make(**VARIANTS[variant])
     x = torch.randn(2, L, SMALL["d_model"])
     with torch.no_grad():
-        assert relative_error(op(x), mamba2_reference(op, x)) < 1e-4
+        assert relative_error(op(x), mamba2_reference(op, x)) < 1e-5
 
 
-def test_chunking_does_not_change_the_output():
-    chunked, whole = make(), make(chunk_size=L)
-    whole.load_state_dict(chunked.state_dict())
+def scan_reference(x, a, b, c):
+    """y_t = Σ_{s≤t} (C_t · B_s) exp(a_{s+1} + … + a_t) x_s, one step at a time in float64."""
+    x, a, b, c = (t.double() for t in (x, a, b, c))
+    per_group = x.shape[2] // b.shape[2]
+    b, c = b.repeat_interleave(per_group, 2), c.repeat_interleave(per_group, 2)
+    state = torch.zeros(x.shape[0], x.shape[2], x.shape[3], b.shape[3], dtype=torch.float64)
+    ys = []
+    for t in range(x.shape[1]):
+        state = state * torch.exp(a[:, t])[..., None, None] + x[:, t, :, :, None] * b[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, c[:, t]))
+    return torch.stack(ys, dim=1)
+
+
+def scan_inputs(length: int, groups: int, decay: float, dtype=torch.float32):
+    """x (2, L, 4 heads, 3), log-decays a in [-decay, 0], b and c per group."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, length, 4, 3, generator=g, dtype=dtype), -decay * torch.rand(2, length, 4, generator=g,
+                                                                                         dtype=dtype),
+            torch.randn(2, length, groups, 5, generator=g, dtype=dtype),
+            torch.randn(2, length, groups, 5, generator=g, dtype=dtype))
+
+
+# slow decay: every chunk in the factored form; fast: a chunk of 16 decays by 64 on average, beyond the factored
+# form's 60, so some heads take the segment-sum form; compiled: the segment-sum form everywhere (what
+# torch.compile traces).
+FORMS = {"slow": (0.3, False), "fast": (8.0, False), "compiled": (0.3, True)}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 77, 128])
+def test_chunked_scan_matches_sequential_recurrence(form, groups, chunk_size, monkeypatch):
+    decay, compiled = FORMS[form]
+    monkeypatch.setattr(mamba2, "compiling", lambda: compiled)
+    inputs = scan_inputs(77, groups, decay)  # 77: not a multiple of the chunk
+    expected = scan_reference(*inputs)
+    assert relative_error(ssd_chunk_scan(*inputs, chunk_size), expected) < 1e-5
+
+
+def test_fast_decay_takes_the_segment_sum_form_for_some_heads_only(monkeypatch):
+    calls = []
+    segment_sum = mamba2.segment_sum_scan
+    monkeypatch.setattr(mamba2, "segment_sum_scan", lambda x, *rest: calls.append(x.shape) or segment_sum(x, *rest))
+    ssd_chunk_scan(*scan_inputs(64, 1, 0.3), 16)
+    assert calls == []
+    ssd_chunk_scan(*scan_inputs(64, 1, 8.0), 16)
+    (shape,) = calls
+    assert 0 < shape[0] < 2 * 4 * 4 and shape[1:] == (16, 3)  # some of the (batch, chunk, head)s, not all
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_chunked_scan_gradients_match_the_recurrence(form, monkeypatch):
+    """Backpropagated through the chunked scan and through the step-by-step recurrence, in float64."""
+    decay, compiled = FORMS[form]
+    monkeypatch.setattr(mamba2, "compiling", lambda: compiled)
+    inputs = [t.requires_grad_() for t in scan_inputs(37, 2, decay, dtype=torch.float64)]
+    cotangent = torch.randn(2, 37, 4, 3, dtype=torch.float64)
+    chunked = torch.autograd.grad(ssd_chunk_scan(*inputs, 16), inputs, cotangent)
+    expected = torch.autograd.grad(scan_reference(*inputs), inputs, cotangent)
+    for got, want in zip(chunked, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_chunking_does_not_change_the_output(monkeypatch):
+    op = make()
     x = torch.randn(2, L, SMALL["d_model"])
     with torch.no_grad():
-        torch.testing.assert_close(chunked(x), whole(x), rtol=1e-5, atol=1e-5)
+        chunked = op(x)
+        monkeypatch.setattr(mamba2, "PURE_CHUNK_SIZE", L)
+        torch.testing.assert_close(op(x), chunked, rtol=1e-5, atol=1e-5)
 
 
 def test_init_follows_mamba_ssm():

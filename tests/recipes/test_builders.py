@@ -73,12 +73,12 @@ def test_stage_1_refuses_to_pick_its_students_on_training_data(tmp_path):
     write_synthetic(tmp_path / "train", 6, 3, kind="class")
     write_synthetic(tmp_path / "val", 6, 3, kind="class")
     shards = f"data: {{source: shards, train: {tmp_path / 'train'}"
-    with pytest.raises(ConfigError, match=r"data.val is not set.*stage1.select_on=train"):
+    with pytest.raises(ConfigError, match=r"data.val: is not set.*stage1.select_on=train"):
         recipe_with(tmp_path, shards + "}\n")
     recipe, _ = recipe_with(tmp_path, shards + f", val: {tmp_path / 'val'}}}\n")
     check_held_out(recipe, None)
     recipe, _ = recipe_with(tmp_path, shards + f", val: {tmp_path / 'train'}/*.tar}}\n")
-    with pytest.raises(ConfigError, match="data.val shares 2 shard"):
+    with pytest.raises(ConfigError, match="data.val: shares 2 shard"):
         check_held_out(recipe, None)
 
 
@@ -93,3 +93,33 @@ def test_reader_settings_that_contradict_the_model_are_named(tmp_path):
     recipe, model = recipe_with(tmp_path, "data: {source: synthetic, reader: {latent_channels: 8}}\n")
     with pytest.raises(ConfigError, match="data.reader.latent_channels is 8, but the model takes 4"):
         build_source(recipe, model, 0, 1)
+
+
+def test_training_reads_only_samples_of_the_models_shapes(tmp_path):
+    """A tiny PixArt-Sigma takes (4, 8, 8) latents and 32-wide T5 features: 16×16 latents and 24-wide features in
+    the shards are skipped and counted, not trained on (nor a matmul error that names no sample)."""
+    from data.sample_format import TEXT, shard_sample
+    from data.shard_writer import write_shard
+
+    def tensors(i: int) -> dict[str, torch.Tensor]:
+        side, width = {1: (16, 32), 2: (8, 24)}.get(i % 4, (8, 32))
+        return {LATENT: torch.randn(4, side, side).bfloat16(), TEXT: torch.randn(3, width).bfloat16()}
+
+    for shard in range(2):
+        ids = range(shard * 8, shard * 8 + 8)
+        write_shard(tmp_path / "shards" / f"s-{shard}.tar", shard, ids,
+                    [shard_sample(i, tensors(i), {"index": i}, caption="c") for i in ids])
+    path = tmp_path / "p.yaml"
+    path.write_text(f"""
+name: p
+model: {{family: pixart, preset: tiny}}
+graft: {{grafts: [{{type: mha, name: hyena_x, config: {{}}, layers: {{ratio: 0.5}}}}]}}
+data: {{source: shards, train: {tmp_path / "shards"}, reader: {{batch_size: 2, num_workers: 0, caption_tokens: 4}}}}
+stage1: {{select_on: train}}
+""")
+    recipe = load_recipe(path)
+    source = build_source(recipe, build_teacher(recipe), 0, 1)
+    batches = epoch(source, 5)  # an epoch of 4 batches, and one of the next (its counts come with it)
+    assert sorted(int(k) for b in batches[:4] for k in b["keys"]) == [i for i in range(16) if i % 4 in (0, 3)]
+    assert source.config.latent_size == (8, 8) and source.config.text_dim == 32
+    assert set(source.skipped) == {"bad_shape"} and source.skipped["bad_shape"] >= 8

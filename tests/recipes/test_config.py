@@ -8,8 +8,9 @@ import torch
 import yaml
 
 from common.config import ConfigError
-from models.graft import GraftSpec
+from models.graft import BLOCKS, GraftSpec
 from models.operators import SETTINGS_DIR, load_settings, operator_info, settings_operator
+from models.parallel_blocks import ParallelPair
 from recipes.builders import FAMILIES
 from recipes.config import load_recipe
 from recipes.distributed import deepspeed_config
@@ -17,21 +18,25 @@ from recipes.precision import Precision
 from recipes.schedules import lr_factor
 from tests.conftest import REPO
 
+GRAFT_SPECS = REPO / "recipes" / "grafts"  # graft specs, not recipes
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
-                 if not p.name.startswith("_") and p.parent != SETTINGS_DIR)
+                 if not p.name.startswith("_") and p.parent not in (SETTINGS_DIR, GRAFT_SPECS))
 PRETRAINED = {"dit": "DiT-XL/2", "pixart": "PixArt-Sigma-XL-2-2K-MS"}  # what the recipes' checkpoints hold
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_shipped_recipes_load_and_their_operators_build(path):
-    """Every recipe names its operator settings by file (never inline), loads, and builds its operators for its
-    model's architecture (on the meta device)."""
+    """Every recipe names its operator settings by file (never inline), loads, and builds its operators (or parallel
+    pairs) for its model's architecture (on the meta device)."""
     recipe = load_recipe(path)
     assert recipe.name == path.stem if path.parent.name == "recipes" else recipe.name.endswith(path.stem)
-    raw = yaml.safe_load(path.read_text())["graft"]["grafts"]
+    if recipe.graft is None:  # a model trained as it is (the shapes teacher): nothing to build
+        assert yaml.safe_load(path.read_text())["graft"] is None
+        return
+    raw = [g for g in yaml.safe_load(path.read_text())["graft"]["grafts"] if g["type"] != BLOCKS]
     settings = [(path.parent / g["config_filepath"]).resolve() for g in raw]
     assert all("config" not in g for g in raw) and all(s.parent == SETTINGS_DIR for s in settings)
-    for graft, file in zip(recipe.graft["grafts"], settings):
+    for graft, file in zip([g for g in recipe.graft["grafts"] if g["type"] != BLOCKS], settings):
         assert graft["config"] == load_settings(file.stem) and graft["name"] == settings_operator(file.stem)
     family = FAMILIES[recipe.model.family]
     with torch.device("meta"):
@@ -42,7 +47,9 @@ def test_shipped_recipes_load_and_their_operators_build(path):
     assert operators and set(operators) == set(grafts)
     for p, op in operators.items():
         config = grafts[p].config
-        if grafts[p].name == "mlp":
+        if grafts[p].type == BLOCKS:
+            assert isinstance(op, ParallelPair) and op.merge.in_features == 2 * model.config.hidden_size
+        elif grafts[p].name == "mlp":
             assert op.fc1.out_features == model.config.hidden_size * config["expansion_ratio"]
         else:
             assert isinstance(op, operator_info(grafts[p].name).factory())
@@ -126,22 +133,23 @@ def test_deepspeed_overrides_merge_into_the_derived_config(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     ("stage2: {optimm: {}}\n", r"\.stage2: unknown key\(s\) \['optimm'\]"),
-    ("deepspeed: {zero_stage: 5}\n", "zero_stage must be 0..3"),
+    ("deepspeed: {zero_stage: 5}\n", "deepspeed.zero_stage: must be one of 0, 1, 2, 3, got 5"),
     ("stage1: {loss: {mha: l3}}\n", "stage1.loss"),
     ("data: {source: shards}\n", "data.train"),
     ("data: {source: synthetic, reader: {batch_sise: 2}}\n", r"\.data\.reader: unknown key\(s\) \['batch_sise'\]"),
-    ("data: {source: synthetic, reader: {seed: 3}}\n", "data.reader.seed is set by the recipe"),
-    ("data: {source: shards, train: a.tar, reader: {shards: [b.tar]}}\n", "data.reader.shards is set by the recipe"),
-    ("data: {source: synthetic, reader: {epochs: 1}}\n", "data.reader.epochs is set by the recipe"),
-    ("data: {source: synthetic, reader: {kind: text}}\n", "data.reader.kind 'text' does not match a dit model"),
-    ("data: {source: synthetic, reader: {flip: true}}\n", "data.reader.flip needs shards"),
-    ("data: {source: shards, train: a.tar}\n", "data.val is not set, so stage 1 would pick"),
-    ("stage1: {optim: {schedule: multistep}}\n", "stage1.optim.milestones must be increasing"),
-    ("stage1: {optim: {schedule: multistep, milestones: [5, 2]}}\n", "stage1.optim.milestones must be increasing"),
+    ("data: {source: synthetic, reader: {seed: 3}}\n", "data.reader.seed: is set by the recipe"),
+    ("data: {source: shards, train: a.tar, reader: {shards: [b.tar]}}\n", "data.reader.shards: is set by the recipe"),
+    ("data: {source: synthetic, reader: {epochs: 1}}\n", "data.reader.epochs: is set by the recipe"),
+    ("data: {source: synthetic, reader: {kind: text}}\n", "data.reader.kind: 'text' does not match a dit model"),
+    ("data: {source: synthetic, reader: {flip: true}}\n", "data.reader.flip: needs shards"),
+    ("data: {source: shards, train: a.tar}\n", "data.val: is not set, so stage 1 would pick"),
+    ("stage1: {optim: {schedule: multistep}}\n", "stage1.optim.milestones: must be increasing"),
+    ("stage1: {optim: {schedule: multistep, milestones: [5, 2]}}\n", "stage1.optim.milestones: must be increasing"),
     ("stage2: {optim: {plateau: {factor: 0.5}}}\n", "stage2.optim.plateau: stage 1 only"),
     ("stage1: {optim: {plateau: {factor: 2}}}\n", "stage1.optim.plateau: stage 1 only, with 0 < factor < 1"),
-    ("stage1: {batch_size: 0}\n", "stage1.batch_size must be ≥ 1"),
-    ("deepspeed: {precision: bf16, zero_stage: 0}\n", "precision=bf16 needs deepspeed.zero_stage ≥ 1"),
+    ("stage1: {batch_size: 0}\n", "stage1.batch_size: must be an integer ≥ 1"),
+    ("stage1: {optim: {gamma: 0}}\n", r"stage1.optim.gamma: must be a number in \(0, 1\]"),
+    ("deepspeed: {precision: bf16, zero_stage: 0}\n", "deepspeed.precision: bf16 needs deepspeed.zero_stage ≥ 1"),
     ("deepspeed: {overrides: {gradient_clipping: 1.0}}\n", "optim.grad_clip instead"),
     ("deepspeed: {precision: bf16_mixed}\n", r"deepspeed.precision: 'bf16_mixed' is not one of"),
 ])

@@ -3,6 +3,7 @@ reports our own eval commands wrote for these weights (and refused for other wei
 from __future__ import annotations
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -67,19 +68,27 @@ def test_hub_id_and_speed_report(pixart_export, tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "FULL_PRESET", "tiny")  # a "full"-model run on a tiny model, as tests/eval do
     report = speed.main(["--model", "full", "--device", "cpu", "--ckpt", str(tmp_path / "teacher"),
                          "--grafted-ckpt", str(pixart_export), "--repeats", "2", "--warmup", "0",
-                         "--sampling-repeats", "1", "--steps", "2", "--out", str(tmp_path / "speed")])
+                         "--sampling-repeats", "1", "--steps", "2", "--no-train-memory",
+                         "--out", str(tmp_path / "speed")])
     main([str(pixart_export), "--hub-id", "me/tiny-graft", "--speed", str(tmp_path / "speed"),
           "--code-url", "https://example.org/grafting"])
     text = card(pixart_export).text
     grafted = report["rows"][1]
-    assert (f"| grafted | {grafted['forward_median_s'] * 1e3:.1f} | {grafted['forward_speedup']:.2f}× | "
-            f"{grafted['sampling_median_s']:.2f} | {grafted['sampling_speedup']:.2f}× |") in text
-    assert f"FLOP-bound speed-up {report['flop_bound_speedup']:.2f}×" in text
+    forward, sampling = (report["speedups"]["eager"][grafted["name"]][what] for what in ("forward", "sampling"))
+    assert (f"| {grafted['name']} | eager | {statistics.median(grafted['eager']['forward']['wall']) * 1e3:.1f} | "
+            f"{forward['median']:.2f}× ({forward['low']:.2f}–{forward['high']:.2f}) | "
+            f"{grafted['eager']['sampling']['wall'][0]:.2f} | {sampling['median']:.2f}× ({sampling['low']:.2f}–"
+            f"{sampling['high']:.2f}) |") in text
+    assert f"FLOP-bound speed-up {grafted['flop_bound']:.2f}×" in text
     assert "# tiny-graft" in text and '.from_pretrained("me/tiny-graft"' in text and "hf download me/tiny-graft" in text
     assert "[the grafting repository](https://example.org/grafting)" in text
     stored = pixart_export / "card" / "speed.json"
     assert stored.read_bytes() == (tmp_path / "speed" / "speed.json").read_bytes()
 
+    report["withheld"], report["missing_kernels"] = True, {"eager: grafted": ["blocks.1.attn"]}  # crafted
+    (tmp_path / "withheld.json").write_text(json.dumps(report))
+    with pytest.raises(ConfigError, match="withheld, kernels were missing"):
+        write_model_card(pixart_export, speed=tmp_path / "withheld.json")
     main([str(pixart_export)])  # a later run keeps the names and the stored report
     assert "# tiny-graft" in card(pixart_export).text and "FLOP-bound" in card(pixart_export).text
     write_model_card(pixart_export, new_weights=True)  # a new export: the reports measured the old weights
@@ -90,14 +99,14 @@ def test_speed_reports_of_other_models_are_refused(pixart_export, tmp_path, monk
     monkeypatch.setattr(speed, "PROXY_OVERRIDES", dict(hidden_size=64, num_heads=4, depth=4, sample_size=8,
                                                        caption_channels=32))
     speed.main(["--device", "cpu", "--repeats", "1", "--warmup", "0", "--sampling-repeats", "0",
-                "--out", str(tmp_path / "proxy")])
+                "--no-compile", "--no-train-memory", "--ratios", "0.5", "--out", str(tmp_path / "proxy")])
     with pytest.raises(ConfigError, match="'proxy' measurement"):
         write_model_card(pixart_export, speed=tmp_path / "proxy")
     report = json.loads((tmp_path / "proxy" / "speed.json").read_text())
     report["setup"]["model"] = "full"  # crafted: a full-model report of another graft
-    report["setup"]["graft"]["grafts"][0]["name"] = "hyena_y"
+    report["rows"][1]["graft"]["grafts"][0]["name"] = "hyena_y"
     (tmp_path / "other.json").write_text(json.dumps(report))
-    with pytest.raises(ConfigError, match="measured graft"):
+    with pytest.raises(ConfigError, match="measured grafts"):
         write_model_card(pixart_export, speed=tmp_path / "other.json")
     with pytest.raises(FileNotFoundError, match="no speed.json"):
         write_model_card(pixart_export, speed=tmp_path)
@@ -178,3 +187,13 @@ def test_given_names_fill_the_front_matter(pixart_export):
     assert readme.data.base_model_relation == "finetune"
     with pytest.raises(ConfigError, match="not an export folder"):
         write_model_card(pixart_export / "card")
+
+
+def test_a_depth_halved_export_says_what_was_paired(tmp_path):
+    """Parallel pairs (blocks 0-1 and 2-3 of 4): the card names the depth change and the pairs' stage-1 target."""
+    text = card(export(tmp_path / "export", "tiny_pixart_parallel.yaml")).text
+    assert "with 4 of its 4 blocks run as 2 parallel pairs (`parallel_pair`)" in text
+    assert "each parallel pair from the residual update of the two blocks it replaces" in text
+    assert "| blocks, as parallel pairs | `parallel_pair` | 0, 1, …, 3 | 4 / 4 (100%) |" in text
+    assert "- Depth: 4 → 2 sequential blocks (2 parallel pairs" in text
+    assert "regress each parallel pair's output from the teacher's input (blocks, as parallel pairs: L1)" in text

@@ -2,24 +2,32 @@
 non-finite losses. Each test launches `torchrun -m recipes.train` as a user would."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-import signal
+import re
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from models.operators.hyena import HyenaX
 from models.pixart import PixArtSigma
+from models.weights import load_torch
 from recipes.checkpoint_size import checkpoint_bytes
 from recipes.config import load_recipe
 from recipes.distributed import free_port
 from recipes.reporting import read_metrics
+from recipes.run_lock import LOCK_FILE, Holder
 from tests.conftest import REPO
+from tests.recipes.test_checkpoints import craft
 
 TINY = REPO / "recipes" / "tiny_pixart_hyena_x.yaml"
 SELF_GRAFT = "graft.grafts=[{type: mha, name: mha, config: {num_heads: 4, qkv_bias: true}, layers: {ratio: 0.5}}]"
@@ -98,17 +106,22 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     model = DiT.from_pretrained(tmp_path / "export")
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
     assert "| self-attention | `hyena_y` | 1, 3 | 2 / 4 (50%) |" in (tmp_path / "export" / "README.md").read_text()
-    last = sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1]
     name, exported = "blocks.1.attn.in_proj.weight", model.state_dict()["blocks.1.attn.in_proj.weight"]
-    ema = torch.full((exported.numel(),), float("nan"))
-    for rank in range(2):  # each rank's checkpoint holds the EMA of its own ZeRO-2 partition
-        shards = torch.load(last / f"extra_rank{rank}.pt", weights_only=True)["stage"]["ema"]
+    assert torch.equal(exported, saved_ema(tmp_path, name, exported.shape))
+    stage2 = losses(tmp_path / "stage2" / "metrics.jsonl")
+    assert stage2[-1] < stage2[0]
+
+
+def saved_ema(out: Path, name: str, shape: torch.Size, ranks: int = 2) -> torch.Tensor:
+    """Parameter `name`'s EMA in stage 2's last checkpoint, put together from each rank's ZeRO partition."""
+    last = sorted((out / "stage2" / "checkpoints").glob("step*"))[-1]
+    ema = torch.full((shape.numel(),), float("nan"))
+    for rank in range(ranks):
+        shards = load_torch(last / f"extra_rank{rank}.pt")["stage"]["ema"]
         if name in shards["values"]:
             values = shards["values"][name]
             ema[shards["starts"][name]:shards["starts"][name] + values.numel()] = values
-    assert torch.equal(exported.flatten(), ema)
-    stage2 = losses(tmp_path / "stage2" / "metrics.jsonl")
-    assert stage2[-1] < stage2[0]
+    return ema.view(shape)
 
 
 def test_the_export_loses_nothing_under_pure_bf16(tmp_path):
@@ -143,40 +156,56 @@ def test_the_export_loses_nothing_under_pure_bf16(tmp_path):
     assert any(not torch.equal(v, v.bfloat16().float()) for k, v in exported.items() if k.startswith(grafted))
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`: torchrun starts its workers in sessions of their own, out of its group's reach."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
+def kill_all(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """SIGKILL every process of a tree (torchrun starts each worker in a session of its own, so killing a process
+    group is not enough); returns the processes still running 10 s later."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return still_running(processes, 10)
 
 
-def run_until(out: Path, sets: list[str], checkpoint: Path) -> None:
-    """Start training and kill -9 the whole job (launcher and workers) once `checkpoint` is complete."""
+def still_running(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """The processes not gone (ended or a zombie) after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def run_until(out: Path, sets: list[str], checkpoint: Path, launcher_only: bool = False) -> None:
+    """Start training and kill -9 it once `checkpoint` is complete: its whole process tree, or only the launcher
+    (torchrun), whose workers must then end by themselves within seconds. Nothing may be left running."""
     process = subprocess.Popen(command(out, sets), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (checkpoint / "COMPLETE").is_file():
-        if process.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"run ended or timed out before {checkpoint} was written")
-        time.sleep(0.02)
-    workers = descendants(process.pid)
-    os.killpg(process.pid, signal.SIGKILL)
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
+                               stderr=subprocess.DEVNULL)
+    launcher = psutil.Process(process.pid)
+    tree = [launcher]
+    try:
+        deadline = time.time() + 600
+        while not (checkpoint / "COMPLETE").is_file():
+            if process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"run ended or timed out before {checkpoint} was written")
+            time.sleep(0.02)
+        workers = launcher.children(recursive=True)
+        tree += workers
+        assert len(workers) >= 2, workers
+        if launcher_only:
+            launcher.kill()
+            process.wait()
+            left = still_running(workers, 5)
+            assert not left, f"workers outlived their killed launcher: {left}"
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree += [p for p in launcher.children(recursive=True) if p not in tree]
+        left = kill_all(tree)
+        process.wait()
+    assert not left, f"still running after kill -9 of the whole tree: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -193,16 +222,17 @@ def teacher_shards(tmp_path_factory) -> Path:
 
 
 def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_shards):
-    """On teacher-generated shards: kill -9 in stage 1, resume, kill -9 in stage 2, resume. The exported weights
-    are byte-equal to a run that was never interrupted (CPU, fp32, same world size), with stage 1 on a multistep
-    schedule in epochs and per-student plateaus, and stage 2 on LoRA with its EMA sharded by ZeRO-2."""
+    """On teacher-generated shards: kill -9 of the launcher in stage 1 (its workers, and their reader workers,
+    end with it), resume, kill -9 of everything in stage 2, resume. The exported weights are byte-equal to a run
+    that was never interrupted (CPU, fp32, same world size), with stage 1 on a multistep schedule in epochs and
+    per-student plateaus, and stage 2 on LoRA with its EMA sharded by ZeRO-2."""
     sets = ["data.source=shards", f"data.train={teacher_shards}", "stage1.select_on=train", "stage1.steps=100",
             "stage1.optim.schedule=multistep", "stage1.optim.milestone_unit=epochs", "stage1.optim.milestones=[2, 5]",
             "stage1.optim.plateau={patience: 0, threshold: 0.5}", "stage1.checkpoint_every=20",
             "stage1.eval_every=20", "stage2.steps=60", "stage2.checkpoint_every=10"]
     train(tmp_path / "straight", sets)
     killed = tmp_path / "killed"
-    run_until(killed, sets, killed / "stage1" / "checkpoints" / "step00000020")
+    run_until(killed, sets, killed / "stage1" / "checkpoints" / "step00000020", launcher_only=True)
     assert not (killed / "stage1" / "DONE").exists()
     run_until(killed, sets, killed / "stage2" / "checkpoints" / "step00000010")
     assert (killed / "stage1" / "DONE").exists() and not (killed / "export").exists()
@@ -233,25 +263,103 @@ def tensor_bytes(value) -> int:
 def check_checkpoint_arithmetic(recipe, out: Path) -> None:
     """recipes.checkpoint_size's arithmetic on the tiny run's files: the tensors they hold weigh what it says (the
     trained parameters only, their optimizer state, the EMA shards), the files little more."""
+    from recipes.deepspeed_loading import DEEPSPEED_RECORDS
+
     for stage in (1, 2):
         folder = sorted((out / f"stage{stage}" / "checkpoints").glob("step*"))[-1]
-        files = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(folder.glob("*.pt"))]
+        files = [load_torch(f, allowed=DEEPSPEED_RECORDS) for f in sorted(folder.glob("*.pt"))]
         predicted = checkpoint_bytes(recipe, stage)
         assert predicted.tensors <= sum(tensor_bytes(f) for f in files) <= predicted.tensors + 1024, stage
         on_disk = sum(f.stat().st_size for f in folder.iterdir())
         assert predicted.total <= on_disk <= predicted.total + 64_000 * len(files), (stage, on_disk, predicted)
-    module = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = load_torch(folder / "mp_rank_00_model_states.pt", allowed=DEEPSPEED_RECORDS)["module"]
     assert module and all("lora_" in k or k.startswith(("blocks.1.attn.", "blocks.3.attn.")) for k in module)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_training_stops_and_keeps_only_good_checkpoints(tmp_path):
+    """lr 1e12: the weights blow up. The run stops (at a NaN loss, or at a checkpoint whose weights are not
+    finite or give a non-finite loss), names the last good checkpoint, and every checkpoint left is finite."""
     result = train(tmp_path, ["stage1.steps=20", "stage2.optim.lr=1e12", "stage2.steps=50",
                               "stage2.checkpoint_every=1"], check=False)
     assert result.returncode != 0
-    assert "NonFiniteLossError" in result.stderr and "non-finite loss at step" in result.stderr
+    assert re.search(r"NonFinite(Loss|Weights)Error: stage2: (non-finite loss at step|after step) \d+",
+                     result.stderr), result.stderr[-3000:]
     assert "synthetic-" in result.stderr  # the offending samples are named
     checkpoints = sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))
-    assert checkpoints and all((c / "COMPLETE").is_file() for c in checkpoints)
+    named = re.search(r"last good checkpoint: (\S+)", result.stderr, re.IGNORECASE)[1]
+    assert named == (str(checkpoints[-1]) if checkpoints else "None")
+    for checkpoint in checkpoints:
+        assert (checkpoint / "COMPLETE").is_file()
+        states = load_torch(checkpoint / "mp_rank_00_model_states.pt")["module"]
+        assert all(torch.isfinite(t).all() for t in states.values() if t.is_floating_point()), checkpoint
     staging = tmp_path / "stage2" / "checkpoints" / ".staging"
     assert not staging.exists() or not list(staging.iterdir())
     assert not (tmp_path / "export").exists()
+
+
+def test_a_run_folder_keeps_its_settings_and_its_lock_and_refuses_crafted_checkpoints(tmp_path):
+    """Killed in stage 1 at step 10. Then: a live job's lock refuses a second job; another lr is refused with a
+    diff; a crafted DeepSpeed file in the checkpoint is refused unread; and with a torn metrics line and the lr
+    change allowed, stage 1 finishes with the new lr from step 11 on, the change recorded."""
+    sets = ["stage1.steps=20", "stage1.checkpoint_every=10", "stage1.eval_every=10", "stage1.log_every=1",
+            "stage1.optim.warmup_steps=0"]
+    checkpoint = tmp_path / "stage1" / "checkpoints" / "step00000010"
+    run_until(tmp_path, sets, checkpoint)
+    only_stage1 = ["--stage", "1"]
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps(asdict(Holder.me())))  # this test's process: a live job
+    held = train(tmp_path, sets, only_stage1, check=False)
+    assert held.returncode != 0 and f"is in use by {socket.gethostname()} pid {os.getpid()}" in held.stderr, \
+        held.stderr[-2000:]
+    (tmp_path / LOCK_FILE).unlink()
+
+    changed = [*sets, "stage1.optim.lr=1e-3"]
+    refused = train(tmp_path, changed, only_stage1, check=False)
+    assert refused.returncode != 0, refused.stderr[-2000:]
+    assert "Changed: stage1.optim.lr: 0.002 → 0.001" in refused.stderr and "--allow-change stage1.optim.lr" in \
+        refused.stderr
+
+    model_states = checkpoint / "mp_rank_00_model_states.pt"
+    original = model_states.read_bytes()
+    craft(model_states, tmp_path / "MARKER")
+    crafted = train(tmp_path, sets, only_stage1, check=False)
+    assert crafted.returncode != 0 and f"{model_states}: refused: it holds Python objects" in crafted.stderr
+    assert not (tmp_path / "MARKER").exists()
+    model_states.write_bytes(original)
+
+    with open(tmp_path / "stage1" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 11, "train/lo')  # what a full disk leaves
+    train(tmp_path, changed, [*only_stage1, "--allow-change", "stage1.optim.lr"])
+    lr = {row["step"]: row["lr"] for row in read_metrics(tmp_path / "stage1" / "metrics.jsonl")}
+    assert sorted(lr) == list(range(1, 21))
+    assert [lr[s] for s in range(1, 21)] == pytest.approx([2e-3] * 10 + [1e-3] * 10)
+    assert all(json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines())
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["changes"][0]["changed"] == {"stage1.optim.lr": {"from": 2e-3, "to": 1e-3}}
+    assert record["recipe"]["stage1"]["optim"]["lr"] == 1e-3
+    assert json.loads((tmp_path / "stage1" / "DONE").read_text())["run_id"] == record["run_id"]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_parallel_pairs_distil_finetune_and_export(tmp_path):
+    """Depth 4 → 2 parallel pairs: stage 1 regresses each pair's residual update (the teacher's own blocks, summed,
+    start at about 6% relative error on this tiny teacher), stage 2 finetunes the whole model, and the export
+    reloads as fused pairs holding stage 2's EMA weights."""
+    from models.parallel_blocks import ParallelPixArtPair
+
+    train(tmp_path, ["stage1.steps=60", "stage2.steps=20", "stage2.log_every=5"],
+          recipe=REPO / "recipes" / "tiny_pixart_parallel.yaml")
+    stage1 = losses(tmp_path / "stage1" / "metrics.jsonl")
+    assert stage1[-1] < stage1[0] / 2, stage1
+    for path in ("blocks.0", "blocks.2"):
+        info = json.loads((tmp_path / "stage1" / "best" / f"{path}.json").read_text())
+        assert info["rel_err"] < 0.03 and info["loss"] == "l1", info
+    assert all(math.isfinite(x) for x in losses(tmp_path / "stage2" / "metrics.jsonl"))
+    model = PixArtSigma.from_pretrained(tmp_path / "export")
+    assert len(model.blocks) == 2 and all(isinstance(b, ParallelPixArtPair) for b in model.blocks)
+    assert model.blocks.indexes() == [0, 2]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], saved_ema(tmp_path, k, state[k].shape))
+               for k in ("blocks.0.merge.weight", "blocks.2.attn.qkv.weight"))
+    d = model.config.hidden_size
+    assert not torch.equal(state["blocks.0.merge.weight"], torch.eye(d).repeat(1, 2))  # trained, not the sum

@@ -101,7 +101,7 @@ class TinyModels:
 
     def speed_args(self, out: Path) -> str:
         return (f"--model full --device cpu --ckpt {self.teacher} --grafted-ckpt {out / 'export'} --repeats 1 "
-                "--warmup 0 --sampling-repeats 0")
+                "--warmup 0 --sampling-repeats 0 --no-train-memory")
 
 
 GENERATE_ARGS = "--height 64 --width 64 --steps 2 --shard-size 2 --batch-size 2 --device cpu"

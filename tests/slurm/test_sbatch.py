@@ -16,6 +16,7 @@ import torch
 from data.reader import ReaderConfig, ShardLoader
 from data.shard_writer import finished_shards
 from recipes.reporting import read_metrics
+from recipes.run_identity import RUN_FILE
 from tests.slurm.conftest import FINAL_STATES, PROMPTS, Cluster, Run, finish, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -70,8 +71,8 @@ def test_both_stages_trained_on_two_ranks_and_the_export_loads(sbatch_run):
 
 def test_geneval_and_speed_reports(sbatch_run, tiny_models):
     speed = json.loads((sbatch_run.out / "speed" / "speed.json").read_text())
-    assert [r["name"] for r in speed["rows"]] == ["baseline", "grafted"]
-    assert speed["setup"]["graft"]["grafts"][0]["name"] == "hyena_x"
+    assert [r["name"] for r in speed["rows"]] == ["baseline", "export"]  # the --grafted-ckpt folder's name
+    assert speed["rows"][1]["graft"]["grafts"][0]["name"] == "hyena_x"
     if not tiny_models.geneval_args():
         pytest.skip("GenEval's prompt files are not beside the repository (../shared/geneval)")
     scores = json.loads((sbatch_run.out / "geneval" / "scores.json").read_text())
@@ -97,9 +98,11 @@ def test_time_limit_signal_and_scontrol_requeue_in_stage2_resume_to_the_same_wei
                                                                                       sbatch_run, tmp_path):
     """Stage 2 alone, from the uninterrupted run's stage 1 and data. At its first checkpoint the job gets what
     `--signal=B:USR1@300` sends before the time limit (the script requeues itself); at a later one, `scontrol
-    requeue`. The periodic checkpoints are the resume state: Slurm's SIGTERM ends the ranks without a save."""
+    requeue`. The periodic checkpoints are the resume state: Slurm's SIGTERM ends the ranks without a save. The
+    run folder is the uninterrupted run's, moved: its stage 1 and its run record (which names the run)."""
     out = tmp_path / "run"
     shutil.copytree(sbatch_run.out / "stage1", out / "stage1")
+    shutil.copy2(sbatch_run.out / RUN_FILE, out / RUN_FILE)
     run = submit(cluster, tiny_models, tmp_path, out, sbatch_run.data, steps="stage2")
     interrupt(cluster, run, out / "stage2" / "checkpoints" / "step00000025", "scancel", "--batch", "--signal=USR1")
     interrupt(cluster, run, out / "stage2" / "checkpoints" / "step00000100", "scontrol", "requeue")

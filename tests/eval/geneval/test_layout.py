@@ -32,3 +32,17 @@ def test_walker_takes_digit_folders_and_numbered_pngs_in_sorted_order(tmp_path):
     assert [(img.index, img.path.name) for img in found] == [(3, "0000.png"), (3, "0001.png"), (3, "00002.png"),
                                                              (12, "0000.png")]
     assert found[-1].metadata["prompt"] == "p12"
+
+
+def test_a_prompt_folder_with_an_unknown_tag_or_broken_record_is_named(tmp_path):
+    import pytest
+
+    from eval.geneval.prompts import MetadataError
+
+    write_metadata(tmp_path, 4, {"tag": "shapes", "prompt": "p", "include": []})
+    with pytest.raises(MetadataError, match=r"00004/metadata.jsonl \(the images of 00004/samples\): field tag: "
+                                            r"'shapes' is not one of GenEval's tags"):
+        list_images(tmp_path)
+    (tmp_path / "00004" / "metadata.jsonl").write_text('{"tag": "single')
+    with pytest.raises(MetadataError, match=r"00004/metadata.jsonl: not a JSON prompt record"):
+        list_images(tmp_path)

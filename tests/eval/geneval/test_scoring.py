@@ -177,3 +177,38 @@ def test_report_files(tmp_path):
     assert write_grid(rows[:3], tmp_path / "grid.png")
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (2 * 24, 2 * 24)  # prompts cat and dog: rows of up to 2 framed 16+8 px tiles
+
+
+def rewrite(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["images"][1]["metadata"].update(tag="circles"),
+     r"images\[1\] \(b.png\) metadata: field tag: 'circles' is not one of GenEval's tags"),
+    (lambda d: d["images"][0]["metadata"]["include"][0].pop("count"),
+     r"images\[0\] \(a.png\) metadata: field include\[0\].count: expected an integer ≥ 1, got None"),
+    (lambda d: d["images"][3]["objects"]["cat"][0].update(box=[0, 0, 8]),
+     r"images\[3\] \(d.png\): field objects.cat\[0\].box: expected four finite numbers"),
+    (lambda d: d["images"][2]["objects"]["dog"][0].pop("score"),
+     r"images\[2\] \(c.png\): field objects.dog\[0\].score: expected a finite number, got None"),
+    (lambda d: d["images"][0].update(objects=[]), r"images\[0\] \(a.png\): field objects: expected an object"),
+    (lambda d: d["images"][0].pop("filename"), r"images\[0\]: field filename: expected an object with a file name"),
+    (lambda d: d["images"][0]["metadata"]["include"][0].update(position=["near", 0]),
+     r"images\[0\] \(a.png\) metadata: field include\[0\].position: expected \[one of"),
+    (lambda d: d.pop("max_objects"), r"field max_objects: expected int, got None"),
+])
+def test_malformed_detections_files_name_the_file_the_image_and_the_field(tmp_path, change, message):
+    path = tmp_path / "detections.json"
+    save_detections(path, scored_set(), ScoringOptions(), {})
+    rewrite(path, change)
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        load_detections(path, ScoringOptions())
+
+
+def test_results_of_unknown_tags_are_not_averaged_in():
+    rows = [row("single_object", "a", True), {**row("circles", "b", False), "filename": "b.png"}]
+    with pytest.raises(ValueError, match=r"unknown tags \['circles'\] .*b.png"):
+        summarize(rows)
