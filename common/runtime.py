@@ -49,13 +49,6 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def compute_dtype(precision: str) -> torch.dtype:
-    """A precision setting → the dtype the model computes in: `auto` is bf16 on CUDA and fp32 on the CPU."""
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return parse_dtype(precision)
-
-
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     """Timestamped logs on rank 0; warnings only on other ranks."""
     logging.basicConfig(level=level if rank == 0 else logging.WARNING, force=True,

@@ -150,7 +150,8 @@ class DiT(PretrainedModel):
         p = self.config.patch_size
         hw = (height // p, width // p)
         tokens = self.x_embedder(x)
-        tokens = (tokens + self.pos_embed(hw, tokens.device)).to(tokens.dtype)
+        # the residual stream in the weights' dtype: fp32 under bf16 autocast, whose patch conv gives bf16
+        tokens = (tokens + self.pos_embed(hw, tokens.device)).to(self.x_embedder.proj.weight.dtype)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
         c = self.t_embedder(timestep) + self.y_embedder(class_labels)
         tokens = run_blocks(self.blocks, self.gradient_checkpointing, tokens, c, hw)

@@ -219,7 +219,8 @@ class PixArtSigma(PretrainedModel):
         p = self.config.patch_size
         hw = (height // p, width // p)
         x = self.x_embedder(hidden_states)
-        x = (x + self.pos_embed(hw, x.device)).to(x.dtype)
+        # the residual stream in the weights' dtype: fp32 under bf16 autocast, whose patch conv gives bf16
+        x = (x + self.pos_embed(hw, x.device)).to(self.x_embedder.proj.weight.dtype)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(b)
         t = self.t_embedder(timestep)
         t0 = self.t_block(t)

@@ -20,7 +20,10 @@ from models.pixart import PixArtSigma
 from recipes.batches import SyntheticBatches
 from recipes.config import OptimSection
 from recipes.engine import LocalEngine
+from recipes.precision import Precision
 from recipes.stage1 import ActivationTap, StudentBank, student_losses, teacher_records
+
+FP32 = Precision("fp32")
 
 
 def time_distillation(teacher: PixArtSigma, spec: GraftSpec, paths: list[str], batches: list[dict],
@@ -29,7 +32,8 @@ def time_distillation(teacher: PixArtSigma, spec: GraftSpec, paths: list[str], b
     grafts = spec.targets(teacher)
     torch.manual_seed(0)
     students = {p: op for p, op in spec.build_operators(teacher).items() if p in paths}
-    engine = LocalEngine(StudentBank(students, grafts), OptimSection(lr=1e-3), len(batches), 1, 0, bf16=False)
+    bank = StudentBank(students, grafts)
+    engine = LocalEngine(bank, OptimSection(lr=1e-3), len(batches), 1, 0, FP32, bank.param_groups())
     tap = ActivationTap(teacher, paths)
     losses = {p: "l1" for p in paths}
     diffusion = GaussianDiffusion()
@@ -37,7 +41,7 @@ def time_distillation(teacher: PixArtSigma, spec: GraftSpec, paths: list[str], b
     for step, batch in enumerate(batches):
         started = time.perf_counter()
         records = teacher_records(teacher, tap, diffusion, batch, torch.Generator().manual_seed(step),
-                                  torch.device("cpu"), torch.float32)
+                                  torch.device("cpu"), FP32)
         per_layer, _ = student_losses(engine, records, losses, 1.0)
         engine.backward(torch.stack(list(per_layer.values())).sum())
         engine.step()

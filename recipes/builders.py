@@ -8,7 +8,7 @@ import torch
 
 from common.config import ConfigError
 from common.runtime import Rank, parse_dtype
-from data.reader import ReaderConfig, ShardLoader
+from data.reader import ReaderConfig, ShardLoader, resolve_shards
 from models.diffusion import GaussianDiffusion, NoiseSchedule
 from models.dit import DiT
 from models.pixart import PixArtSigma
@@ -42,28 +42,44 @@ def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
 
 
 def build_source(recipe: Recipe, model: PretrainedModel, rank: int, world_size: int, split: str = "train",
-                 shards: ShardPatterns = None) -> BatchSource:
-    """A resumable batch source for `split` (train / val), sharded over `world_size` ranks and batched as
-    `data.reader` says; `shards` overrides data.train for a stage. Validation batches are neither shuffled nor
-    flipped."""
-    data, val = recipe.data, split == "val"
-    check_reader_fits(data.reader, model)
-    reader = model_reader(data.reader, model)
+                 shards: ShardPatterns = None, batch_size: int | None = None) -> BatchSource:
+    """A resumable batch source for `split`, sharded over `world_size` ranks and batched as `data.reader` says
+    (`batch_size`: a stage's own, default data.reader.batch_size); `shards` overrides data.train for a stage.
+    Splits: `train`; `val`, the held-out data (data.val; the training shards if there is none); `train_eval`, the
+    training data read for evaluation. Evaluation batches are neither shuffled nor flipped."""
+    data, val = recipe.data, split != "train"
+    reader = replace(data.reader, batch_size=batch_size or data.reader.batch_size)
+    check_reader_fits(reader, model)
+    reader = model_reader(reader, model)
     if data.source == "synthetic":
         config = model.config
         height, width = reader.latent_size
         return SyntheticBatches(
             recipe.model.family, (config.in_channels, height, width), reader.batch_size,
             data.synthetic_val_samples if val else data.synthetic_samples,
-            seed=recipe.seed + (7_777_777 if val else 0), rank=rank, world_size=world_size,
+            seed=recipe.seed + (7_777_777 if split == "val" else 0), rank=rank, world_size=world_size,
             caption_tokens=reader.caption_tokens, caption_channels=getattr(config, "caption_channels", 0),
             num_classes=getattr(config, "num_classes", 0), dtype=parse_dtype(reader.dtype) if reader.dtype else None,
             pin_memory=reader.pin_memory)
-    patterns = (data.val or shards or data.train) if val else (shards or data.train)
+    patterns = (data.val or shards or data.train) if split == "val" else (shards or data.train)
     config = replace(reader, shards=[patterns] if isinstance(patterns, str) else list(patterns),
                      seed=recipe.seed + int(val), shuffle_buffer=0 if val else reader.shuffle_buffer,
                      flip=reader.flip and not val)
     return ShardLoader(config, Rank(rank, world_size))
+
+
+def check_held_out(recipe: Recipe, shards: ShardPatterns) -> None:
+    """data.val must not share a shard with a stage's training data (`shards`, default data.train)."""
+    if recipe.data.source != "shards" or not recipe.data.val:
+        return
+    def paths(patterns) -> set[str]:
+        return {str(Path(p).resolve()) for p in resolve_shards([patterns] if isinstance(patterns, str)
+                                                               else list(patterns))}
+    shared = sorted(paths(recipe.data.val) & paths(shards or recipe.data.train))
+    if shared:
+        raise ConfigError(f"data.val: shares {len(shared)} shard(s) with the training data ({shared[0]}, …), so "
+                          "stage 1 would pick its best students on data it trains on; point data.val at held-out "
+                          "shards")
 
 
 def model_latent_size(model: PretrainedModel) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Periodic, atomic, keep-last-k checkpoints that every rank writes into, and `--resume auto`.
 
-Layout: `<root>/step00001000/` holds DeepSpeed's files (engine, optimizer partitions, scheduler), one
+Layout: `<root>/step00001000/` holds DeepSpeed's files (the trained parameters, never the frozen ones; optimizer
+partitions; scheduler), one
 `extra_rank<r>.pt` per rank (data position and the stage's own state, tensors only), and `COMPLETE`, written
 last. A checkpoint is assembled under `<root>/.staging/` and renamed into place only when every rank has
 finished, so a killed job never leaves a checkpoint that looks complete but is not.
@@ -73,7 +74,8 @@ class CheckpointManager:
     def save(self, engine: Engine, step: int, extra: dict[str, Any]) -> Path:
         """Collective: every rank calls it with its own `extra` state."""
         tag = f"step{step:08d}"
-        engine.save_checkpoint(str(self.staging), tag=tag, save_latest=False)
+        # only what trains: frozen weights come back from the teacher file when the stage is rebuilt
+        engine.save_checkpoint(str(self.staging), tag=tag, save_latest=False, exclude_frozen_parameters=True)
         save_torch(extra, self.staging / tag / f"extra_rank{self.rank}.pt")
         barrier()
         final = self.root / tag
@@ -96,7 +98,7 @@ class CheckpointManager:
         self.check(path)
         settings = OptimizerSettings.of(engine)
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                               load_lr_scheduler_states=True)
+                               load_lr_scheduler_states=True, load_module_strict=False)  # frozen ones not saved
         settings.apply(engine)
         extra = path / f"extra_rank{self.rank}.pt"
         if not extra.is_file():

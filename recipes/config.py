@@ -12,6 +12,7 @@ import yaml
 from common.config import ConfigError, deep_merge, from_dict, parse_assignments, read_yaml, to_dict
 from data.reader import ReaderConfig
 from models.graft import GRAFT_TYPES, GraftSpec, inline_config_files
+from recipes.precision import PrecisionSetting
 from recipes.validation import Sources, check_values
 
 
@@ -46,8 +47,21 @@ class DataSection:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     caption_dropout: float = 0.0  # stage 2: replace captions by the null caption with this probability
     null_caption: str | None = None  # safetensors with `embedding` (L, C) and `mask` (L,): T5("")
+    # the mask a dropped caption gets: `own`, T5("")'s own (what the sampler's unconditional branch feeds, as in
+    # diffusers); `prompt`, the dropped prompt's (PixArt-Sigma's training code swaps the features only)
+    null_caption_mask: Literal["own", "prompt"] = "own"
     synthetic_samples: int = 512  # synthetic: samples per epoch (train); val uses a disjoint seed range
     synthetic_val_samples: int = 64
+
+
+@dataclass
+class PlateauSection:
+    """ReduceLROnPlateau on a stage-1 student's held-out error (each student on its own): its lr × `factor` after
+    more than `patience` evaluations without a relative improvement of `threshold`, never below optim.min_lr."""
+
+    factor: float = 0.5
+    patience: int = 1
+    threshold: float = 1e-4
 
 
 @dataclass
@@ -69,9 +83,14 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    # after the warm-up: constant; cosine to min_lr; multistep: × gamma at each of `milestones`
+    schedule: Literal["constant", "cosine", "multistep"] = "constant"
+    milestones: list[float] = field(default_factory=list)
+    milestone_unit: Literal["steps", "epochs"] = "steps"  # epochs: of this stage's training data, per rank
+    gamma: float = 0.5
     min_lr: float = 0.0
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # stage 1: each student clipped on its own gradient norm
+    plateau: PlateauSection | None = None  # stage 1 only
 
 
 @dataclass
@@ -80,11 +99,15 @@ class Stage1Section:
 
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
+    batch_size: int | None = None  # per rank (default: data.reader.batch_size)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-4))
     # l1 / l2 / huber per graft type; `blocks` (a parallel pair's update carries its attention's outliers): ours
     loss: dict[str, str] = field(default_factory=lambda: {"mha": "l1", "mlp": "l2", "blocks": "l1"})
     huber_delta: float = 1.0
     mode: Literal["data_parallel", "split"] = "data_parallel"  # split: students divided across ranks
+    teacher_precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"  # the precision of the recorded targets
+    # where the best students are picked: held-out shards (data.val), or knowingly the training data
+    select_on: Literal["held_out", "train"] = "held_out"
     eval_every: int = 100
     eval_batches: int = 4
     log_every: int = 10
@@ -128,6 +151,7 @@ class Stage2Section:
 
     steps: int = 1000
     shards: ShardPatterns = None  # this stage's training shards (default: data.train)
+    batch_size: int | None = None  # per rank (default: data.reader.batch_size)
     optim: OptimSection = field(default_factory=OptimSection)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSection = field(default_factory=LoraSection)
@@ -144,7 +168,7 @@ class Stage2Section:
 class DeepSpeedSection:
     zero_stage: int = 2
     gradient_accumulation: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: PrecisionSetting = "auto"  # auto: bf16-mixed on GPU, fp32 on CPU (recipes/precision.py)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the derived DeepSpeed JSON
 
 
@@ -165,6 +189,10 @@ class Recipe:
     @property
     def out(self) -> Path:
         return Path(self.output_dir.replace("${name}", self.name))
+
+    def batch_size(self, stage: Literal["stage1", "stage2"]) -> int:
+        """A stage's per-rank batch: its own `batch_size`, else data.reader.batch_size."""
+        return getattr(self, stage).batch_size or self.data.reader.batch_size
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -247,6 +275,33 @@ def validate(recipe: Recipe, sources: Sources) -> None:
     if recipe.data.caption_dropout > 0 and recipe.model.family == "pixart" and not recipe.data.null_caption:
         raise sources.error("data.caption_dropout", "needs data.null_caption (T5 features of the empty prompt; "
                             "`python -m recipes.null_caption` writes them)")
+    validate_training(recipe, sources)
+
+
+def validate_training(recipe: Recipe, sources: Sources) -> None:
+    """Schedules, precision and stage 1's choice of data to pick its best students on (the ranges of single
+    numbers are recipes/validation.py's rules)."""
+    if (recipe.graft is not None and recipe.stage1.select_on == "held_out" and recipe.data.source == "shards"
+            and not recipe.data.val):
+        raise sources.error("data.val", "is not set, so stage 1 would pick its best students on its own training "
+                            "data; set data.val to held-out shards, or stage1.select_on=train to select on "
+                            "training data knowingly (as the official code's best_train.pt does)")
+    for stage in ("stage1", "stage2"):
+        optim = getattr(recipe, stage).optim
+        if optim.schedule == "multistep" and (not optim.milestones or sorted(optim.milestones) != optim.milestones
+                                              or optim.milestones[0] <= 0):
+            raise sources.error(f"{stage}.optim.milestones", f"must be increasing positive {optim.milestone_unit} "
+                                f"for schedule multistep, got {optim.milestones}")
+        if optim.plateau is not None and (stage == "stage2" or not 0 < optim.plateau.factor < 1
+                                          or optim.plateau.patience < 0 or optim.plateau.threshold < 0):
+            raise sources.error(f"{stage}.optim.plateau", "stage 1 only, with 0 < factor < 1, patience ≥ 0 and "
+                                "threshold ≥ 0")
+    if "gradient_clipping" in recipe.deepspeed.overrides:
+        raise sources.error("deepspeed.overrides.gradient_clipping", "set stage1/stage2.optim.grad_clip instead "
+                            "(stage 1 clips each student on its own, so DeepSpeed's global clip stays off there)")
+    if recipe.deepspeed.precision == "bf16" and recipe.deepspeed.zero_stage == 0:
+        raise sources.error("deepspeed.precision", "bf16 needs deepspeed.zero_stage ≥ 1 (only ZeRO keeps fp32 "
+                            "master weights this engine can read); use bf16-mixed for stage 0")
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 
 from common.config import deep_merge
-from common.runtime import Rank, compute_dtype, pick_device
+from common.runtime import Rank, pick_device
 from recipes.config import Recipe
+from recipes.precision import Precision
 
 
 def prepare_environment() -> Rank:
@@ -50,17 +51,19 @@ def init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def deepspeed_config(recipe: Recipe, optim, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for one stage, derived from the recipe, then `deepspeed.overrides` merged in."""
+def deepspeed_config(recipe: Recipe, optim, world_size: int, batch_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for one stage (`batch_size` per rank, default data.reader.batch_size), derived from the
+    recipe, then `deepspeed.overrides` merged in."""
     ds = recipe.deepspeed
+    batch_size = batch_size or recipe.data.reader.batch_size
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": recipe.data.reader.batch_size,
+        "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation,
-        "train_batch_size": recipe.data.reader.batch_size * ds.gradient_accumulation * world_size,
+        "train_batch_size": batch_size * ds.gradient_accumulation * world_size,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": False,
                               "reduce_scatter": True},
-        "bf16": {"enabled": compute_dtype(recipe.deepspeed.precision) == torch.bfloat16},
+        **Precision.resolve(ds.precision).deepspeed(),
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "weight_decay": optim.weight_decay, "eps": 1e-8,
             "torch_adam": not torch.cuda.is_available()}},  # on CPU: no JIT-compiled cpu_adam

@@ -4,8 +4,6 @@ Both satisfy `Engine`, the part of DeepSpeed's engine the stages use.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -15,6 +13,9 @@ from torch import nn
 from models.weights import load_torch, save_torch
 from recipes.config import OptimSection, Recipe
 from recipes.distributed import deepspeed_config
+from recipes.group_clip import GroupClippedAdamW
+from recipes.precision import Precision
+from recipes.schedules import GroupSchedule, lr_factor
 
 
 @runtime_checkable
@@ -23,6 +24,7 @@ class Engine(Protocol):
     optimizer steps at accumulation boundaries), checkpoints in DeepSpeed's folder-and-tag layout."""
 
     module: nn.Module
+    lr_scheduler: Any  # a `recipes.schedules.GroupSchedule`
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -32,56 +34,71 @@ class Engine(Protocol):
 
     def get_lr(self) -> list[float]: ...
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = ...) -> Any: ...
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = ..., **kwargs: Any) -> Any: ...
 
     def load_checkpoint(self, load_dir: str, tag: str, **kwargs: Any) -> Any: ...
 
 
-def lr_factor(optim: OptimSection, total_steps: int):
-    """Multiplier of the base lr at an optimizer step: linear warm-up, then constant or cosine to min_lr."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-        floor = optim.min_lr / optim.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+def schedule(optimizer, optim: OptimSection, total_steps: int, milestones: list[int] = ()) -> GroupSchedule:
+    """The recipe's lr schedule over every param group of `optimizer` (`milestones` in optimizer steps)."""
+    return GroupSchedule(optimizer, lr_factor(optim, total_steps, milestones), optim.plateau, optim.min_lr)
 
 
-def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, total_steps: int, world_size: int
-                     ) -> Engine:
-    """`deepspeed.initialize` with the recipe-derived config; only parameters that require grad are trained."""
+def group_adamw(groups: dict[str, list[nn.Parameter]], optim: OptimSection, partitioned: bool) -> GroupClippedAdamW:
+    """AdamW with one param group per name (a stage-1 student), each clipped on its own gradient norm."""
+    return GroupClippedAdamW([{"name": name, "params": params} for name, params in groups.items()],
+                             max_norm=optim.grad_clip, partitioned=partitioned, lr=optim.lr, betas=optim.betas,
+                             weight_decay=optim.weight_decay)
+
+
+def deepspeed_engine(module: nn.Module, recipe: Recipe, optim: OptimSection, total_steps: int, world_size: int,
+                     batch_size: int, groups: dict[str, list[nn.Parameter]] | None = None,
+                     milestones: list[int] = ()) -> Engine:
+    """`deepspeed.initialize` with the recipe-derived config; only parameters that require grad are trained.
+    `groups`: independent param groups (stage-1 students), each clipped on its own norm by `GroupClippedAdamW`
+    after DeepSpeed reduced the gradients, instead of DeepSpeed's one global clip."""
     import deepspeed
 
     from recipes.deepspeed_loading import make_loads_safe
 
-    config = deepspeed_config(recipe, optim, world_size)
+    config = deepspeed_config(recipe, optim, world_size, batch_size)
     params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = None
+    if groups is not None:
+        del config["optimizer"]
+        config.update(gradient_clipping=0.0, zero_allow_untested_optimizer=True)
+        optimizer = group_adamw(groups, optim, partitioned=recipe.deepspeed.zero_stage > 0 and world_size > 1)
     engine, *_ = deepspeed.initialize(
-        model=module, model_parameters=params, config=config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim, total_steps)))
+        model=module, model_parameters=None if optimizer else params, optimizer=optimizer, config=config,
+        lr_scheduler=lambda opt: schedule(opt, optim, total_steps, milestones))
     make_loads_safe(engine)
     return engine
 
 
 class LocalEngine:
-    """AdamW on one rank without communication (stage 1 in `split` mode: each rank owns its students)."""
+    """AdamW on one rank without communication (stage 1 in `split` mode: each rank owns its students), one param
+    group per student, each clipped on its own norm. Under pure bf16 the module computes in bf16 and the optimizer
+    updates fp32 master copies, as DeepSpeed's bf16 mode does."""
 
     def __init__(self, module: nn.Module, optim: OptimSection, total_steps: int, accumulation: int, rank: int,
-                 bf16: bool):
-        self.module, self.rank, self.accumulation, self.grad_clip = module, rank, accumulation, optim.grad_clip
-        params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(optim, total_steps))
+                 precision: Precision, groups: dict[str, list[nn.Parameter]] | None = None,
+                 milestones: list[int] = ()):
+        self.module, self.rank, self.accumulation, self.precision = module, rank, accumulation, precision
+        groups = groups or {"all": [p for p in module.parameters() if p.requires_grad]}
+        bf16 = precision.param_dtype != torch.float32
+        self.masters = {p: p.detach().float().clone() if bf16 else p for params in groups.values() for p in params}
+        module.to(precision.param_dtype)  # in place: the parameters stay the objects in `groups`
+        self.optimizer = group_adamw({name: [self.masters[p] for p in params] for name, params in groups.items()},
+                                     optim, partitioned=False)
+        self.lr_scheduler = schedule(self.optimizer, optim, total_steps, milestones)
         self.micro_steps = 0
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
+
+    def master_of(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 values the optimizer updates for `param` (the parameter itself unless the module is bf16)."""
+        return self.masters[param]
 
     def __call__(self, *args, **kwargs):
-        with self.autocast:
+        with self.precision.autocast(next(self.module.parameters()).device):
             return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -91,11 +108,16 @@ class LocalEngine:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation:
             return
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        copies = [(p, m) for p, m in self.masters.items() if m is not p]
+        for p, master in copies:
+            master.grad = None if p.grad is None else p.grad.float()
         self.optimizer.step()
-        self.scheduler.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.module.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, master in copies:
+                p.copy_(master)
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -103,29 +125,21 @@ class LocalEngine:
     def _file(self, folder: str, tag: str) -> Path:
         return Path(folder) / tag / f"local_rank{self.rank}.pt"
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False, **_: Any) -> None:
+        names = {p: name for name, p in self.module.named_parameters()}
         save_torch({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
+                    "master": {names[p]: m for p, m in self.masters.items() if m is not p},
+                    "scheduler": self.lr_scheduler.state_dict(), "micro_steps": self.micro_steps},
                    self._file(save_dir, tag))
 
     def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> None:
         state = load_torch(self._file(load_dir, tag))
         self.module.load_state_dict(state["module"])
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, values in state["master"].items():
+                self.masters[params[name]].copy_(values)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]
 
-
-def gathered(params: list[nn.Parameter]):
-    """Full parameters inside the block, also under ZeRO-3 (which partitions them across ranks); collective."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of `module`'s full state dict (collective under ZeRO-3)."""
-    with gathered(list(module.parameters())):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -33,6 +33,7 @@ from recipes import loop
 from recipes.checkpoints import CheckpointManager
 from recipes.config import OptimSection, read_recipe
 from recipes.engine import LocalEngine
+from recipes.precision import Precision
 from recipes.preflight import check_inputs
 from recipes.reporting import RunLog
 from recipes.run_identity import HASH_CACHE, current_record, mark_done, open_run
@@ -94,6 +95,12 @@ def recipe_rows() -> Iterator[Row]:
     yield "flips on the synthetic stream", lambda f: load(f, ["data.reader.flip=true"])
     yield "caption dropout without a null caption", lambda f: load(f, ["data.caption_dropout=0.1"], PIXART)
     yield "`data.source: shards` without shards", lambda f: load(f, ["data.source=shards"])
+    yield "stage 1 on shards without held-out shards", lambda f: load(f, ["data.source=shards",
+                                                                            "data.train=data/train-*.tar"])
+    yield "a multistep schedule without milestones", lambda f: load(f, ["stage1.optim.schedule=multistep"])
+    yield "a plateau schedule in stage 2", lambda f: load(f, ["stage2.optim.plateau={factor: 0.5}"])
+    yield "pure bf16 without ZeRO", lambda f: load(f, ["deepspeed.precision=bf16", "deepspeed.zero_stage=0"])
+    yield "DeepSpeed's global gradient clipping", lambda f: load(f, ["deepspeed.overrides={gradient_clipping: 1.0}"])
 
 
 def input_rows() -> Iterator[Row]:
@@ -118,15 +125,26 @@ def input_rows() -> Iterator[Row]:
         load(folder, ["data.caption_dropout=0.1", f"data.null_caption={folder / 'null.safetensors'}"], PIXART)
 
     yield "a null caption of another text encoder", wrong_width
-    yield "shards that match no file", lambda f: load(f, ["data.source=shards", "data.train=data/none-*.tar"])
+    yield "shards that match no file", lambda f: load(f, ["data.source=shards", "data.train=data/none-*.tar",
+                                                          "data.val=data/none-val-*.tar"])
 
     def few_shards(folder: Path) -> None:
         (folder / "shards").mkdir()
         for n in range(2):
             (folder / "shards" / f"s-{n}.tar").write_bytes(b"")
-        load(folder, ["data.source=shards", f"data.train={folder / 'shards'}"], world_size=2)
+        load(folder, ["data.source=shards", f"data.train={folder / 'shards'}", "stage1.select_on=train"],
+             world_size=2)
 
     yield "fewer shards than reader slots", few_shards
+
+    def shared_val(folder: Path) -> None:
+        (folder / "shards").mkdir()
+        for n in range(4):
+            (folder / "shards" / f"s-{n}.tar").write_bytes(b"")
+        load(folder, ["data.source=shards", f"data.train={folder / 'shards'}", f"data.val={folder / 'shards'}/s-3.tar",
+                      "data.reader.num_workers=0"])
+
+    yield "held-out shards (`data.val`) that are training shards", shared_val
     yield "a DiT latent size other than the model's", lambda f: load(f, ["data.reader.latent_size=[16, 16]"])
     yield "T5 features of another width", lambda f: load(f, ["data.reader.text_dim=4096"], PIXART)
     yield "LoRA targets that match nothing", lambda f: load(f, ["stage2.mode=lora",
@@ -216,7 +234,7 @@ def toy_run(folder: Path, steps: int = 40, lr: float = 4.0, loss=None, after_ste
     torch.manual_seed(0)
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
-    engine = LocalEngine(model, OptimSection(lr=lr, grad_clip=0.0), steps, 1, 0, False)
+    engine = LocalEngine(model, OptimSection(lr=lr, grad_clip=0.0), steps, 1, 0, Precision("fp32"))
 
     def micro_step(batch, generator):
         out = engine(batch["x"])

@@ -297,6 +297,7 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
         else "full finetuning"
     rows = [
         ["steps", s1.steps, s2.steps],
+        ["batch per GPU", recipe.batch_size("stage1"), recipe.batch_size("stage2")],
         ["data", "synthetic stream (no real data)" if synthetic else _data(s1.shards or data.train),
          "synthetic stream (no real data)" if synthetic else _data(s2.shards or data.train)],
         ["objective", f"regress each {students}'s output from the teacher's input ("
@@ -308,10 +309,8 @@ def training_section(recipe: Recipe | None, graft: GraftSpec | None) -> list[str
     ]
     lines += [f"Recipe `{recipe.name}` (`recipe.yaml` in this folder, as run). Teacher: {teacher}.", "",
               markdown_table(["", "stage 1: activation distillation", "stage 2: finetuning"], rows, "lll"), "",
-              f"- Batch {data.reader.batch_size} per GPU, gradient accumulation "
-              f"{recipe.deepspeed.gradient_accumulation}, "
-              f"DeepSpeed ZeRO-{recipe.deepspeed.zero_stage}, precision {recipe.deepspeed.precision}, seed "
-              f"{recipe.seed}."]
+              f"- Gradient accumulation {recipe.deepspeed.gradient_accumulation}, DeepSpeed "
+              f"ZeRO-{recipe.deepspeed.zero_stage}, precision {recipe.deepspeed.precision}, seed {recipe.seed}."]
     if recipe.model.family == "pixart":
         dropout = (f"dropped with probability {data.caption_dropout:g} in stage 2 (keeps the unconditional branch "
                    "for CFG)" if data.caption_dropout else "never dropped")

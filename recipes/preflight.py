@@ -15,7 +15,7 @@ from data.reader import resolve_shards
 from models.graft import Graft, GraftSpec
 from models.pretrained import PretrainedModel, component_folder
 from models.weights import CheckpointError, check_safetensors, read_state_dict
-from recipes.builders import FAMILIES, check_reader_fits, model_latent_size
+from recipes.builders import FAMILIES, check_held_out, check_reader_fits, model_latent_size
 from recipes.config import Recipe
 from recipes.validation import Sources
 
@@ -48,6 +48,11 @@ def check_inputs(recipe: Recipe, sources: Sources, world_size: int, students: Pa
     if recipe.stage2.mode == "lora":
         check_lora_targets(recipe, sources, model, sorted(targets))
     check_shards(recipe, sources, world_size)
+    if recipe.graft is not None and recipe.stage1.select_on == "held_out":
+        try:
+            check_held_out(recipe, recipe.stage1.shards)
+        except ConfigError as err:
+            raise ConfigError(f"{sources.of('data.val')}: {err}") from None
     if recipe.data.null_caption and recipe.model.family == "pixart":
         check_null_caption(recipe, sources, model.config.caption_channels)
     grafts = [] if recipe.graft is None else GraftSpec.from_dict(recipe.graft, where="graft").grafts

@@ -87,13 +87,15 @@ CHANGE_RULES: tuple[ChangeRule, ...] = (  # the first matching rule applies
     ChangeRule("stage1.huber_delta", S1, True, True),
     ChangeRule("stage1.eval_every", S1, True, True),
     ChangeRule("stage1.eval_batches", S1, True, True),
+    ChangeRule("stage1.teacher_precision", S1, True, True),  # only the precision of the recorded targets
+    ChangeRule("stage1.select_on", S1, True, True),  # where the best students are picked, like data.val
     ChangeRule("data.val*", S1, True, True),
     ChangeRule("data.synthetic_val_samples", S1, True, True),
     ChangeRule("stage2.steps", S2, True, True),
     ChangeRule("stage2.optim.*", S2, True, True),
     ChangeRule("stage2.ema_decay", S2, True, lambda old, new: old is not None and new is not None),
     ChangeRule("data.caption_dropout", S2, True, True),
-    ChangeRule("data.null_caption*", S2, True, True),
+    ChangeRule("data.null_caption*", S2, True, True),  # its file, and data.null_caption_mask
     ChangeRule("stage1.*", S1, True, False),
     ChangeRule("stage2.*", S2, True, False),
     ChangeRule("students*", S2, True, False),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.files import save_json, save_text
-from common.runtime import compute_dtype, pick_device
+from common.runtime import pick_device
 from common.tables import markdown_table
 from models import compile as compiling
 from models.diffusion import GaussianDiffusion
@@ -31,8 +31,11 @@ from recipes.builders import build_diffusion, build_source, build_teacher
 from recipes.checkpoints import CheckpointManager
 from recipes.config import Recipe
 from recipes.distributed import barrier
-from recipes.engine import Engine, LocalEngine, deepspeed_engine, full_state_dict
+from recipes.engine import Engine, LocalEngine, deepspeed_engine
+from recipes.master import master_state_dict
+from recipes.precision import Precision
 from recipes.reporting import RunLog, read_metrics
+from recipes.schedules import dataset_samples, milestone_steps, steps_per_epoch
 
 log = logging.getLogger(__name__)
 VAL_SEED = 987_654_321
@@ -104,6 +107,10 @@ class StudentBank(nn.Module):
         prefix = f"students.{module_name(path)}."
         return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Each student's parameters: its own param group, clipped and scheduled on its own."""
+        return {p: list(self.students[module_name(p)].parameters()) for p in self.paths}
+
 
 def regression_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
     """L1 (robust to the outliers of deep attention layers), L2, or Huber, in fp32."""
@@ -116,19 +123,31 @@ def regression_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor, d
 
 
 def teacher_records(teacher: nn.Module, tap: ActivationTap, diffusion: GaussianDiffusion, batch: dict,
-                    generator: torch.Generator, dev: torch.device, dtype: torch.dtype) -> dict:
-    """One frozen-teacher forward on noised latents; the tapped operators' (input, grid, output)."""
-    batch = to_device(batch, dev, dtype)
+                    generator: torch.Generator, dev: torch.device, precision: Precision) -> dict:
+    """One frozen-teacher forward on noised latents, in the teacher's `precision`; the tapped operators' (input,
+    grid, output). With an fp32 teacher the targets are fp32; under bf16 autocast they come out of bf16 matmuls."""
+    batch = to_device(batch, dev, precision.param_dtype)
     x_t, t, _ = noise_batch(diffusion, batch, generator)
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast(dev):
         call_model(teacher, x_t, t, batch)
     return tap.take()
 
 
-def student_losses(engine, records: dict, losses: dict[str, str], delta: float
+def cast(value, dtype: torch.dtype | None):
+    """`value` (a tensor, a tuple of a parallel pair's block arguments, a token grid) with its floating-point tensors
+    in `dtype`; unchanged if `dtype` is None."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(cast(v, dtype) for v in value)
+    return value
+
+
+def student_losses(engine, records: dict, losses: dict[str, str], delta: float, dtype: torch.dtype | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every student on its teacher input: (loss per layer, output per layer)."""
-    outputs = engine({p: (records[p][0], records[p][1]) for p in losses})
+    """Every student on its teacher input (its floating-point tensors cast to `dtype`, the students' parameter
+    dtype, if given): (loss per layer, output per layer)."""
+    outputs = engine({p: (cast(records[p][0], dtype), cast(records[p][1], dtype)) for p in losses})
     return {p: regression_loss(kind, outputs[p], records[p][2], delta) for p, kind in losses.items()}, outputs
 
 
@@ -151,11 +170,12 @@ class BestStudents:
             self.best[p] = {"rel_err": rel_err[p], "step": step}
         return improved
 
-    def save(self, bank: StudentBank, paths: list[str]) -> None:
-        """Write the students at `paths` (if this rank writes); collective under ZeRO-3, so every rank calls it."""
+    def save(self, engine: Engine, bank: StudentBank, paths: list[str]) -> None:
+        """Write the students at `paths` (if this rank writes) from their fp32 master weights; collective under
+        DeepSpeed, so every rank that shares the engine calls it."""
         if not paths:
             return
-        state = full_state_dict(bank)
+        state = master_state_dict(engine, bank)
         if not self.writes:
             return
         for p in paths:
@@ -196,8 +216,11 @@ class Distiller:
 
     def __init__(self, recipe: Recipe, rank: int, world_size: int):
         self.recipe, self.cfg = recipe, recipe.stage1
-        self.dev, self.dtype = pick_device(), compute_dtype(recipe.deepspeed.precision)
-        self.teacher = build_teacher(recipe).to(self.dev, self.dtype).requires_grad_(False)
+        self.dev = pick_device()
+        self.precision = Precision.resolve(recipe.deepspeed.precision)  # the students'
+        self.teacher_precision = Precision(self.cfg.teacher_precision)
+        self.batch_size = recipe.batch_size("stage1")
+        self.teacher = build_teacher(recipe).to(self.dev, self.teacher_precision.param_dtype).requires_grad_(False)
         spec = GraftSpec.from_dict(recipe.graft, where="recipe graft")
         grafts = spec.targets(self.teacher)
         self.split = self.cfg.mode == "split"
@@ -214,49 +237,81 @@ class Distiller:
                 compiling.for_training(student)
         log_backends_once(self.teacher, "stage 1 teacher")
         log_backends_once(self.bank, "stage 1 students")
+        self.data_rank, self.data_world = (0, 1) if self.split else (rank, world_size)
+        accumulation = recipe.deepspeed.gradient_accumulation
+        milestones = self.milestones(accumulation)
+        groups = self.bank.param_groups()
         self.engine: Engine = (
-            LocalEngine(self.bank, self.cfg.optim, self.cfg.steps, recipe.deepspeed.gradient_accumulation, rank,
-                        self.dtype == torch.bfloat16) if self.split
-            else deepspeed_engine(self.bank, recipe, self.cfg.optim, self.cfg.steps, world_size))
+            LocalEngine(self.bank, self.cfg.optim, self.cfg.steps, accumulation, rank, self.precision, groups,
+                        milestones) if self.split
+            else deepspeed_engine(self.bank, recipe, self.cfg.optim, self.cfg.steps, world_size, self.batch_size,
+                                  groups, milestones))
         self.tap = ActivationTap(self.teacher, self.paths)
         self.diffusion = build_diffusion(recipe)
-        self.data_rank, self.data_world = (0, 1) if self.split else (rank, world_size)
         self.losses = {p: self.cfg.loss[grafts[p].type] for p in self.paths}
         self.writes = self.split or rank == 0  # writes the best students and the logs of its students
         self.best = BestStudents(best_dir(recipe), grafts, self.losses, self.writes)
 
+    def milestones(self, accumulation: int) -> list[int]:
+        """The multistep schedule's milestones in optimizer steps (epochs of this rank's share of the data)."""
+        optim = self.cfg.optim
+        if optim.schedule != "multistep":
+            return []
+        per_epoch, arithmetic = None, ""
+        if optim.milestone_unit == "epochs":
+            samples = dataset_samples(self.recipe, self.cfg.shards)
+            per_epoch = steps_per_epoch(samples, self.batch_size, self.data_world, accumulation)
+            arithmetic = (f" (epochs {optim.milestones}: {samples:,} samples / ({self.batch_size} a batch × "
+                          f"{self.data_world} rank(s) × {accumulation}) = {per_epoch:g} steps an epoch)")
+        steps = milestone_steps(optim, per_epoch)
+        log.info("stage 1 lr × %g at steps %s%s", optim.gamma, steps, arithmetic)
+        return steps
+
     def batches(self, split: str) -> BatchSource:
-        return build_source(self.recipe, self.teacher, self.data_rank, self.data_world, split, self.cfg.shards)
+        return build_source(self.recipe, self.teacher, self.data_rank, self.data_world, split, self.cfg.shards,
+                            self.batch_size)
 
     def micro_step(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """One teacher forward; every student's loss on it, summed (the students share no parameters)."""
-        records = teacher_records(self.teacher, self.tap, self.diffusion, batch, generator, self.dev, self.dtype)
-        per_layer, _ = student_losses(self.engine, records, self.losses, self.cfg.huber_delta)
+        """One teacher forward; every student's loss on it, summed (the students share no parameters, and each is
+        clipped on its own gradient norm)."""
+        records = teacher_records(self.teacher, self.tap, self.diffusion, batch, generator, self.dev,
+                                  self.teacher_precision)
+        per_layer, _ = student_losses(self.engine, records, self.losses, self.cfg.huber_delta,
+                                      self.precision.param_dtype)
         total = torch.stack(list(per_layer.values())).sum()
         metrics = {f"train/{p}": v.item() for p, v in per_layer.items()}
         metrics["train/loss"] = total.item() / len(self.paths)
         return total, metrics
 
     def after_step(self, step: int) -> dict[str, float]:
-        """Every `eval_every` steps and at the end: the held-out relative errors; improved students are saved."""
+        """Every `eval_every` steps and at the end: the held-out relative errors; improved students are saved, and
+        each student's plateau schedule (if any) steps on its own error."""
         if step % self.cfg.eval_every and step != self.cfg.steps:
             return {}
         rel_err = self.relative_errors()
-        self.best.save(self.bank, self.best.update(step, rel_err))
-        return {f"val/rel_err/{p}": v for p, v in rel_err.items()}
+        self.best.save(self.engine, self.bank, self.best.update(step, rel_err))
+        schedule = self.engine.lr_scheduler
+        for g in schedule.plateau_step([rel_err[p] ** 2 for p in self.paths]):  # ∝ the held-out MSE
+            log.info("stage 1: %s has not improved; its lr is now %.3g", self.paths[g], schedule.get_last_lr()[g])
+        norms = schedule.optimizer.norms  # each student's last gradient norm, before its clip
+        return {**{f"val/rel_err/{p}": v for p, v in rel_err.items()},
+                **{f"lr/{p}": lr for p, lr in zip(self.paths, schedule.get_last_lr())},
+                **{f"grad_norm/{p}": float(norms[p]) for p in self.paths if p in norms}}
 
     def relative_errors(self) -> dict[str, float]:
         """‖g(x) − f(x)‖ / ‖f(x)‖ of every student over `eval_batches` held-out batches, the same batches and noise
         at every evaluation, summed over the ranks that share the students."""
-        val = iter(self.batches("val"))
+        val = iter(self.batches("val" if self.cfg.select_on == "held_out" else "train_eval"))
         sq_err = {p: torch.zeros((), dtype=torch.float64, device=self.dev) for p in self.paths}
         sq_ref = {p: torch.zeros((), dtype=torch.float64, device=self.dev) for p in self.paths}
         self.bank.eval()
         with torch.no_grad():
             for i in range(self.cfg.eval_batches):
                 records = teacher_records(self.teacher, self.tap, self.diffusion, next(val),
-                                          torch.Generator().manual_seed(VAL_SEED + i), self.dev, self.dtype)
-                _, outputs = student_losses(self.engine, records, self.losses, self.cfg.huber_delta)
+                                          torch.Generator().manual_seed(VAL_SEED + i), self.dev,
+                                          self.teacher_precision)
+                _, outputs = student_losses(self.engine, records, self.losses, self.cfg.huber_delta,
+                                            self.precision.param_dtype)
                 for p in self.paths:
                     sq_err[p] += (outputs[p].double() - records[p][2].double()).square().sum()
                     sq_ref[p] += records[p][2].double().square().sum()

@@ -119,6 +119,8 @@ RULES: tuple[Rule, ...] = (
     Rule("stage[12].optim.warmup_steps", "an integer ≥ 0", NON_NEGATIVE, -1),
     Rule("stage[12].optim.min_lr", "a finite number ≥ 0", _number(0), -1e-6),
     Rule("stage[12].optim.grad_clip", "a finite number ≥ 0 (0: no clipping)", _number(0), -1.0),
+    Rule("stage[12].optim.gamma", "a number in (0, 1]", _number(0, 1, low_open=True), 2.0),
+    Rule("stage[12].batch_size", "an integer ≥ 1, or null (data.reader.batch_size)", _optional(COUNT), 0),
     Rule("stage1.huber_delta", "a finite number > 0", _number(0, low_open=True), 0),
     Rule("stage1.eval_every", "an integer ≥ 1", COUNT, 0),
     Rule("stage1.eval_batches", "an integer ≥ 1", COUNT, 0),

@@ -10,7 +10,7 @@ import torch
 from common.config import ConfigError
 from data.sample_format import LATENT, LATENT_FLIP
 from recipes.batches import BatchSource
-from recipes.builders import build_source, build_teacher
+from recipes.builders import build_source, build_teacher, check_held_out
 from recipes.config import load_recipe
 from tests.data.conftest import write_synthetic
 
@@ -40,6 +40,7 @@ data:
   source: shards
   train: {tmp_path / "shards"}
   reader: {{batch_size: 3, num_workers: 0, flip: true, latent_size: [8, 8], dtype: fp32, shuffle_buffer: 4}}
+stage1: {{select_on: train}}
 """)
     halves = [build_source(recipe, model, rank, 2) for rank in range(2)]
     assert isinstance(halves[0], BatchSource)
@@ -65,6 +66,20 @@ data:
     resumed = build_source(recipe, model, 1, 2)
     resumed.load_state_dict(halves[1].state_dict())
     assert [b["keys"] for b in epoch(resumed, 2)] == [b["keys"] for b in epoch(halves[1], 2)]
+    assert [len(b["keys"]) for b in epoch(build_source(recipe, model, 0, 2, batch_size=2), 3)] == [2, 2, 2]
+
+
+def test_stage_1_refuses_to_pick_its_students_on_training_data(tmp_path):
+    write_synthetic(tmp_path / "train", 6, 3, kind="class")
+    write_synthetic(tmp_path / "val", 6, 3, kind="class")
+    shards = f"data: {{source: shards, train: {tmp_path / 'train'}"
+    with pytest.raises(ConfigError, match=r"data.val: is not set.*stage1.select_on=train"):
+        recipe_with(tmp_path, shards + "}\n")
+    recipe, _ = recipe_with(tmp_path, shards + f", val: {tmp_path / 'val'}}}\n")
+    check_held_out(recipe, None)
+    recipe, _ = recipe_with(tmp_path, shards + f", val: {tmp_path / 'train'}/*.tar}}\n")
+    with pytest.raises(ConfigError, match="data.val: shares 2 shard"):
+        check_held_out(recipe, None)
 
 
 def test_the_synthetic_stream_batches_as_the_reader_says(tmp_path):
@@ -100,6 +115,7 @@ name: p
 model: {{family: pixart, preset: tiny}}
 graft: {{grafts: [{{type: mha, name: hyena_x, config: {{}}, layers: {{ratio: 0.5}}}}]}}
 data: {{source: shards, train: {tmp_path / "shards"}, reader: {{batch_size: 2, num_workers: 0, caption_tokens: 4}}}}
+stage1: {{select_on: train}}
 """)
     recipe = load_recipe(path)
     source = build_source(recipe, build_teacher(recipe), 0, 1)

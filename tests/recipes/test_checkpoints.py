@@ -17,8 +17,10 @@ from models.weights import CheckpointError
 from recipes import loop
 from recipes.checkpoints import CheckpointManager, ResumeError
 from recipes.config import OptimSection
-from recipes.engine import LocalEngine, lr_factor
+from recipes.engine import LocalEngine
+from recipes.precision import Precision
 from recipes.reporting import RunLog
+from recipes.schedules import lr_factor
 
 
 class Crafted:
@@ -42,7 +44,8 @@ def craft(path: Path, marker: Path, legacy: bool = False) -> None:
 
 def engine(lr: float = 1e-2, steps: int = 100, warmup: int = 0, **optim) -> LocalEngine:
     torch.manual_seed(0)
-    return LocalEngine(nn.Linear(4, 1), OptimSection(lr=lr, warmup_steps=warmup, **optim), steps, 1, 0, False)
+    return LocalEngine(nn.Linear(4, 1), OptimSection(lr=lr, warmup_steps=warmup, **optim), steps, 1, 0,
+                       Precision("fp32"))
 
 
 def train_steps(e: LocalEngine, n: int) -> None:
@@ -85,7 +88,7 @@ def test_a_resumed_engine_takes_the_recipes_current_optimizer_settings(tmp_path)
     assert resumed.get_lr() == [pytest.approx(5e-4 * factor(4))]  # the new lr, at the restored step
     group = resumed.optimizer.param_groups[0]
     assert (group["weight_decay"], group["betas"], group["initial_lr"]) == (0.1, (0.8, 0.99), 5e-4)
-    assert resumed.scheduler.base_lrs == [5e-4] and resumed.scheduler.last_epoch == 4
+    assert resumed.lr_scheduler.base_lrs == [5e-4] and resumed.lr_scheduler.last_epoch == 4
     moments = [resumed.optimizer.state_dict()["state"][0][k] for k in ("exp_avg", "exp_avg_sq")]
     assert all(torch.equal(a, first.optimizer.state_dict()["state"][0][k]) for a, k in
                zip(moments, ("exp_avg", "exp_avg_sq")))  # the optimizer's moments are the checkpoint's
@@ -130,7 +133,7 @@ def exploding_stage(steps: int, after_step=lambda step: {}) -> loop.Stage:
     torch.manual_seed(0)
     model = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(model.weight)
-    e = LocalEngine(model, OptimSection(lr=4.0, grad_clip=0.0), steps, 1, 0, False)
+    e = LocalEngine(model, OptimSection(lr=4.0, grad_clip=0.0), steps, 1, 0, Precision("fp32"))
 
     def micro_step(batch, generator):
         out = e(batch["x"])

@@ -13,7 +13,9 @@ from recipes.config import LoraSection, OptimSection
 from recipes.ema import EMA
 from recipes.engine import Engine, LocalEngine
 from recipes.lora import attach_lora, merge_lora
+from recipes.precision import Precision
 from recipes.stage1 import ActivationTap, BestStudents, StudentBank, student_losses
+from recipes.stage2 import drop_captions
 
 
 def grafted_tiny() -> tuple[PixArtSigma, list[str]]:
@@ -46,17 +48,30 @@ def test_lora_trains_adapters_and_grafted_operators_only_and_merges_exactly():
         assert torch.allclose(merged(*x), before, atol=1e-5)
 
 
-def test_ema_follows_the_parameters():
+def test_ema_follows_the_master_weights_in_one_fused_update():
     layer = torch.nn.Linear(2, 2)
-    ema = EMA(layer, decay=0.5, keep=True)
+    engine = LocalEngine(layer, OptimSection(), 10, 1, 0, Precision("fp32"), {"layer": list(layer.parameters())})
+    ema = EMA(engine, layer, decay=0.5)
     start = layer.weight.detach().clone()
     with torch.no_grad():
         layer.weight.add_(2.0)
-    ema.update(layer)
-    assert torch.allclose(ema.state_dict()["weight"], start + 1.0)
-    other = EMA(layer, decay=0.5, keep=True)
+    ema.update()
+    assert torch.allclose(ema.full_state_dict()["weight"], start + 1.0)
+    other = EMA(engine, layer, decay=0.5)
     other.load_state_dict(ema.state_dict())
-    assert torch.equal(other.state_dict()["weight"], ema.state_dict()["weight"])
+    assert torch.equal(other.full_state_dict()["weight"], ema.full_state_dict()["weight"])
+
+
+def test_ema_warmup_ramps_the_decay_of_the_sharded_ema():
+    layer = torch.nn.Linear(2, 2)
+    engine = LocalEngine(layer, OptimSection(), 10, 1, 0, Precision("fp32"), {"layer": list(layer.parameters())})
+    ema = EMA(engine, layer, decay=0.9999, warmup=True)
+    start = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(11.0)
+    ema.update(step=1)  # decay min(0.9999, 2 / 11): the EMA moves 9/11 of the way
+    assert torch.allclose(ema.full_state_dict()["weight"], start + 9.0)
+    assert ema.decay_at(10**6) == 0.9999
 
 
 def test_synthetic_batches_resume_and_split_across_ranks():
@@ -100,12 +115,13 @@ def test_best_students_keep_each_layers_lowest_error_and_resume(tmp_path):
                                             "layers": {"indexes": [1, 3]}}]})
     grafts = spec.targets(teacher)
     bank = StudentBank(spec.build_operators(teacher), grafts)
-    assert isinstance(LocalEngine(bank, OptimSection(), 10, 1, 0, bf16=False), Engine)
+    engine = LocalEngine(bank, OptimSection(), 10, 1, 0, Precision("fp32"), bank.param_groups())
+    assert isinstance(engine, Engine)
     losses = {"blocks.1.mlp": "l2", "blocks.3.mlp": "l2"}
     best = BestStudents(tmp_path / "best", grafts, losses, writes=True)
     assert best.update(10, {"blocks.1.mlp": 0.5, "blocks.3.mlp": 0.4}) == ["blocks.1.mlp", "blocks.3.mlp"]
     assert best.update(20, {"blocks.1.mlp": 0.3, "blocks.3.mlp": 0.6}) == ["blocks.1.mlp"]
-    best.save(bank, ["blocks.1.mlp"])
+    best.save(engine, bank, ["blocks.1.mlp"])
     saved = read_state_dict(tmp_path / "best" / "blocks.1.mlp.safetensors")
     assert saved.keys() == bank.students["blocks_1_mlp"].state_dict().keys()
     record = json.loads((tmp_path / "best" / "blocks.1.mlp.json").read_text())
@@ -120,6 +136,16 @@ def test_best_students_keep_each_layers_lowest_error_and_resume(tmp_path):
     metrics.write_text(json.dumps({"step": 20, "train/blocks.1.mlp": 0.125}) + "\n")
     table = best.table([metrics]).splitlines()
     assert len(table) == 3 and "blocks.1.mlp" in table[2] and "0.125" in table[2] and "0.3" in table[2]
+
+
+def test_dropped_captions_take_the_mask_the_recipe_chooses():
+    text, mask = torch.randn(2, 4, 3), torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    null = (torch.randn(4, 3), torch.tensor([1, 0, 0, 0]))
+    drop = torch.tensor([True, False])
+    for convention, dropped_mask in (("own", null[1]), ("prompt", mask[0])):
+        new_text, new_mask = drop_captions(text, mask, null, convention, drop)
+        assert torch.equal(new_text[0], null[0]) and torch.equal(new_mask[0], dropped_mask)
+        assert torch.equal(new_text[1], text[1]) and torch.equal(new_mask[1], mask[1])  # kept captions untouched
 
 
 def test_stage2_model_starts_the_same_whatever_the_global_rng(tmp_path):

@@ -14,7 +14,8 @@ from models.parallel_blocks import ParallelPair
 from recipes.builders import FAMILIES
 from recipes.config import load_recipe
 from recipes.distributed import deepspeed_config
-from recipes.engine import lr_factor
+from recipes.precision import Precision
+from recipes.schedules import lr_factor
 from tests.conftest import REPO
 
 GRAFT_SPECS = REPO / "recipes" / "grafts"  # graft specs, not recipes
@@ -115,6 +116,11 @@ def test_base_inheritance_and_overrides(tmp_path):
     ds = deepspeed_config(recipe, recipe.stage2.optim, world_size=2)
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 4
     assert ds["optimizer"]["params"]["lr"] == 5e-5
+    assert deepspeed_config(recipe, recipe.stage2.optim, world_size=2, batch_size=3)["train_batch_size"] == 6
+    auto = Precision("bf16-mixed" if torch.cuda.is_available() else "fp32").deepspeed()
+    assert {k: ds[k] for k in auto} == auto
+    mixed = deepspeed_config(load_recipe(child, ["deepspeed.precision=bf16-mixed"]), recipe.stage2.optim, 1)
+    assert mixed["torch_autocast"]["enabled"] and not mixed["bf16"]["enabled"]
 
 
 def test_deepspeed_overrides_merge_into_the_derived_config(tmp_path):
@@ -136,6 +142,16 @@ def test_deepspeed_overrides_merge_into_the_derived_config(tmp_path):
     ("data: {source: synthetic, reader: {epochs: 1}}\n", "data.reader.epochs: is set by the recipe"),
     ("data: {source: synthetic, reader: {kind: text}}\n", "data.reader.kind: 'text' does not match a dit model"),
     ("data: {source: synthetic, reader: {flip: true}}\n", "data.reader.flip: needs shards"),
+    ("data: {source: shards, train: a.tar}\n", "data.val: is not set, so stage 1 would pick"),
+    ("stage1: {optim: {schedule: multistep}}\n", "stage1.optim.milestones: must be increasing"),
+    ("stage1: {optim: {schedule: multistep, milestones: [5, 2]}}\n", "stage1.optim.milestones: must be increasing"),
+    ("stage2: {optim: {plateau: {factor: 0.5}}}\n", "stage2.optim.plateau: stage 1 only"),
+    ("stage1: {optim: {plateau: {factor: 2}}}\n", "stage1.optim.plateau: stage 1 only, with 0 < factor < 1"),
+    ("stage1: {batch_size: 0}\n", "stage1.batch_size: must be an integer ≥ 1"),
+    ("stage1: {optim: {gamma: 0}}\n", r"stage1.optim.gamma: must be a number in \(0, 1\]"),
+    ("deepspeed: {precision: bf16, zero_stage: 0}\n", "deepspeed.precision: bf16 needs deepspeed.zero_stage ≥ 1"),
+    ("deepspeed: {overrides: {gradient_clipping: 1.0}}\n", "optim.grad_clip instead"),
+    ("deepspeed: {precision: bf16_mixed}\n", r"deepspeed.precision: 'bf16_mixed' is not one of"),
 ])
 def test_bad_recipes_name_the_key_and_file(tmp_path, extra, message):
     path = write(tmp_path, "bad.yaml", BASE + extra)

@@ -21,6 +21,8 @@ import torch
 from models.operators.hyena import HyenaX
 from models.pixart import PixArtSigma
 from models.weights import load_torch
+from recipes.checkpoint_size import checkpoint_bytes
+from recipes.config import load_recipe
 from recipes.distributed import free_port
 from recipes.reporting import read_metrics
 from recipes.run_lock import LOCK_FILE, Holder
@@ -104,11 +106,54 @@ def test_dit_recipe_full_finetuning_with_ema(tmp_path):
     model = DiT.from_pretrained(tmp_path / "export")
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.attn, HyenaY)] == [1, 3]
     assert "| self-attention | `hyena_y` | 1, 3 | 2 / 4 (50%) |" in (tmp_path / "export" / "README.md").read_text()
-    last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
-                      weights_only=True)["stage"]["ema"]
-    assert torch.equal(model.state_dict()["blocks.1.attn.in_proj.weight"], last["blocks.1.attn.in_proj.weight"])
+    name, exported = "blocks.1.attn.in_proj.weight", model.state_dict()["blocks.1.attn.in_proj.weight"]
+    assert torch.equal(exported, saved_ema(tmp_path, name, exported.shape))
     stage2 = losses(tmp_path / "stage2" / "metrics.jsonl")
     assert stage2[-1] < stage2[0]
+
+
+def saved_ema(out: Path, name: str, shape: torch.Size, ranks: int = 2) -> torch.Tensor:
+    """Parameter `name`'s EMA in stage 2's last checkpoint, put together from each rank's ZeRO partition."""
+    last = sorted((out / "stage2" / "checkpoints").glob("step*"))[-1]
+    ema = torch.full((shape.numel(),), float("nan"))
+    for rank in range(ranks):
+        shards = load_torch(last / f"extra_rank{rank}.pt")["stage"]["ema"]
+        if name in shards["values"]:
+            values = shards["values"][name]
+            ema[shards["starts"][name]:shards["starts"][name] + values.numel()] = values
+    return ema.view(shape)
+
+
+def test_the_export_loses_nothing_under_pure_bf16(tmp_path):
+    """Pure bf16 (the module holds bf16 copies), LoRA, no EMA: the frozen tensors of the export are the teacher's,
+    bit for bit; the trained ones are DeepSpeed's fp32 master weights; the adapters are merged in fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from models.weights import read_state_dict
+    from recipes.builders import build_teacher
+
+    sets = ["deepspeed.precision=bf16", "stage1.steps=10", "stage2.steps=10", "stage2.ema_decay=null"]
+    train(tmp_path, sets)
+    recipe = load_recipe(TINY, [f"output_dir={tmp_path}", *sets])
+    exported = read_state_dict(tmp_path / "export" / "model.safetensors")
+    teacher = build_teacher(recipe).state_dict()
+    master = get_fp32_state_dict_from_zero_checkpoint(tmp_path / "stage2" / "checkpoints", "step00000010",
+                                                      exclude_frozen_parameters=True)
+    grafted = ("blocks.1.attn.", "blocks.3.attn.")
+    adapted = {k.replace(".lora_A.default", "").rsplit(".", 1)[0] for k in master if ".lora_A." in k}
+    scale = recipe.stage2.lora.alpha / recipe.stage2.lora.rank
+    assert adapted and all(v.dtype == torch.float32 for v in exported.values())
+    for name, value in exported.items():
+        layer = name.rsplit(".", 1)[0]
+        if name.startswith(grafted):
+            assert torch.equal(value, master[name]), name  # trained: the fp32 master, not its bf16 copy
+        elif layer in adapted and name.endswith(".weight"):
+            delta = master[f"{layer}.lora_B.default.weight"] @ master[f"{layer}.lora_A.default.weight"]
+            assert torch.allclose(value, teacher[name] + scale * delta, rtol=0, atol=1e-6), name
+            assert not torch.equal(value, teacher[name])
+        else:
+            assert torch.equal(value, teacher[name]), name  # frozen: the teacher's, bit for bit
+    assert any(not torch.equal(v, v.bfloat16().float()) for k, v in exported.items() if k.startswith(grafted))
 
 
 def kill_all(processes: list[psutil.Process]) -> list[psutil.Process]:
@@ -179,8 +224,11 @@ def teacher_shards(tmp_path_factory) -> Path:
 def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_shards):
     """On teacher-generated shards: kill -9 of the launcher in stage 1 (its workers, and their reader workers,
     end with it), resume, kill -9 of everything in stage 2, resume. The exported weights are byte-equal to a run
-    that was never interrupted (CPU, fp32, same world size)."""
-    sets = ["data.source=shards", f"data.train={teacher_shards}", "stage1.steps=100", "stage1.checkpoint_every=20",
+    that was never interrupted (CPU, fp32, same world size), with stage 1 on a multistep schedule in epochs and
+    per-student plateaus, and stage 2 on LoRA with its EMA sharded by ZeRO-2."""
+    sets = ["data.source=shards", f"data.train={teacher_shards}", "stage1.select_on=train", "stage1.steps=100",
+            "stage1.optim.schedule=multistep", "stage1.optim.milestone_unit=epochs", "stage1.optim.milestones=[2, 5]",
+            "stage1.optim.plateau={patience: 0, threshold: 0.5}", "stage1.checkpoint_every=20",
             "stage1.eval_every=20", "stage2.steps=60", "stage2.checkpoint_every=10"]
     train(tmp_path / "straight", sets)
     killed = tmp_path / "killed"
@@ -192,9 +240,40 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_shard
     for name in ("export/model.safetensors", "stage1/best/blocks.1.attn.safetensors",
                  "stage1/best/blocks.3.attn.safetensors"):
         assert (killed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    lrs = [row for row in read_metrics(killed / "stage1" / "metrics.jsonl") if "lr/blocks.1.attn" in row]
+    assert lrs == [row for row in read_metrics(tmp_path / "straight" / "stage1" / "metrics.jsonl")
+                   if "lr/blocks.1.attn" in row]
+    assert min(row["lr/blocks.1.attn"] for row in lrs) < 2e-3 * 0.5 ** 2  # milestones and plateaus both acted
     kept = sorted(p.name for p in (killed / "stage2" / "checkpoints").glob("step*"))
     assert kept == ["step00000040", "step00000050", "step00000060"]  # keep-last-k
     assert (killed / "stage2" / "checkpoints" / "step00000060" / "zero_to_fp32.py").is_file()
+    check_checkpoint_arithmetic(load_recipe(TINY, [f"output_dir={killed}", *sets]), killed)
+
+
+def tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def check_checkpoint_arithmetic(recipe, out: Path) -> None:
+    """recipes.checkpoint_size's arithmetic on the tiny run's files: the tensors they hold weigh what it says (the
+    trained parameters only, their optimizer state, the EMA shards), the files little more."""
+    from recipes.deepspeed_loading import DEEPSPEED_RECORDS
+
+    for stage in (1, 2):
+        folder = sorted((out / f"stage{stage}" / "checkpoints").glob("step*"))[-1]
+        files = [load_torch(f, allowed=DEEPSPEED_RECORDS) for f in sorted(folder.glob("*.pt"))]
+        predicted = checkpoint_bytes(recipe, stage)
+        assert predicted.tensors <= sum(tensor_bytes(f) for f in files) <= predicted.tensors + 1024, stage
+        on_disk = sum(f.stat().st_size for f in folder.iterdir())
+        assert predicted.total <= on_disk <= predicted.total + 64_000 * len(files), (stage, on_disk, predicted)
+    module = load_torch(folder / "mp_rank_00_model_states.pt", allowed=DEEPSPEED_RECORDS)["module"]
+    assert module and all("lora_" in k or k.startswith(("blocks.1.attn.", "blocks.3.attn.")) for k in module)
 
 
 def test_non_finite_training_stops_and_keeps_only_good_checkpoints(tmp_path):
@@ -279,9 +358,8 @@ def test_parallel_pairs_distil_finetune_and_export(tmp_path):
     model = PixArtSigma.from_pretrained(tmp_path / "export")
     assert len(model.blocks) == 2 and all(isinstance(b, ParallelPixArtPair) for b in model.blocks)
     assert model.blocks.indexes() == [0, 2]
-    last = torch.load(sorted((tmp_path / "stage2" / "checkpoints").glob("step*"))[-1] / "extra_rank0.pt",
-                      weights_only=True)["stage"]["ema"]
     state = model.state_dict()
-    assert all(torch.equal(state[k], last[k]) for k in ("blocks.0.merge.weight", "blocks.2.attn.qkv.weight"))
+    assert all(torch.equal(state[k], saved_ema(tmp_path, k, state[k].shape))
+               for k in ("blocks.0.merge.weight", "blocks.2.attn.qkv.weight"))
     d = model.config.hidden_size
     assert not torch.equal(state["blocks.0.merge.weight"], torch.eye(d).repeat(1, 2))  # trained, not the sum

@@ -116,10 +116,15 @@ def test_input_files_are_checked_before_the_run(tmp_path):
                                           r"\(L, 32\)"):
         preflight(tmp_path, PIXART, ["data.caption_dropout=0.1", f"data.null_caption={null}"])
     with pytest.raises(ConfigError, match=r"^--set 'data.train=.*nothing-\*.tar': data.train: no shards for"):
-        preflight(tmp_path, DIT, ["data.source=shards", f"data.train={tmp_path}/nothing-*.tar"])
+        preflight(tmp_path, DIT, ["data.source=shards", f"data.train={tmp_path}/nothing-*.tar",
+                                  "stage1.select_on=train"])
     write_synthetic(tmp_path / "shards", 8, 4, kind="class")  # 2 shards
     with pytest.raises(ConfigError, match=r"data.train: has 2 shards, fewer than the 2 ranks × 2 reader workers"):
-        preflight(tmp_path, DIT, ["data.source=shards", f"data.train={tmp_path / 'shards'}"], world_size=2)
+        preflight(tmp_path, DIT, ["data.source=shards", f"data.train={tmp_path / 'shards'}",
+                                  "stage1.select_on=train"], world_size=2)
+    with pytest.raises(ConfigError, match=r"data.val: shares 2 shard\(s\) with the training data"):
+        preflight(tmp_path, DIT, ["data.source=shards", f"data.train={tmp_path / 'shards'}",
+                                  f"data.val={tmp_path / 'shards'}"])
     with pytest.raises(ConfigError, match=r"data.reader.latent_size: \[8, 6\], but the DiT model takes \[8, 8\]"):
         preflight(tmp_path, DIT, ["data.reader.latent_size=[8, 6]"])
     with pytest.raises(ConfigError, match=r"stage2.lora.target_modules: \['nothing'\] match no module"):
