@@ -9,6 +9,7 @@ from models import compile as compiling
 from recipes import stage2
 from recipes.config import load_recipe
 from recipes.engine import LocalEngine
+from recipes.precision import Precision
 from recipes.reporting import read_metrics
 from recipes.stage1 import run_stage1
 from recipes.stage2 import run_stage2
@@ -51,8 +52,8 @@ def test_stage1_compiles_the_teacher_for_inference_and_the_students_for_training
 
 
 def test_stage2_compiles_the_grafted_model_for_training(tmp_path, compiled_modules, monkeypatch):
-    monkeypatch.setattr(stage2, "deepspeed_engine", lambda module, recipe, optim, steps, world_size: LocalEngine(
-        module, optim, steps, recipe.deepspeed.gradient_accumulation, 0, bf16=False))
+    monkeypatch.setattr(stage2, "deepspeed_engine", lambda module, recipe, optim, steps, world_size, batch_size:
+                        LocalEngine(module, optim, steps, recipe.deepspeed.gradient_accumulation, 0, Precision("fp32")))
     runs = {}
     for compile in (False, True):
         folder = run_stage2(recipe(tmp_path / str(compile), compile), 0, 1, None, students_dir=None, run_id=RUN_ID)
