@@ -57,6 +57,23 @@ class Cluster:
             time.sleep(1)
         return info
 
+    def start_requeued(self, job_id: str, timeout: float = 600) -> None:
+        """Start a job that is being requeued at once, rather than after Slurm's requeue delay (about 2 minutes).
+
+        The delay exists because slurmd refuses a launch whose credential is not newer, to the second, than the
+        revocation of the job's previous run: a `StartTime=now` in the same second as the requeue makes the next
+        run fail at launch (FAILED, exit 1, no output). So: wait until the old run has left the node, then until
+        the clock is past the second it ended in."""
+        deadline = time.time() + timeout
+        while (state := self.job(job_id)["JobState"]) != "PENDING" or self.node_states() != {"idle"}:
+            assert state not in FINAL_STATES and time.time() < deadline, f"job {job_id} {state}, {self.node_states()}"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    def node_states(self) -> set[str]:
+        return set(self.run("sinfo", "-h", "-o", "%T").stdout.split())
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:

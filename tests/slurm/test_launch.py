@@ -16,7 +16,7 @@ from submitit.slurm.slurm import SlurmJobEnvironment
 
 from data.shard_writer import finished_shards
 from tests.conftest import REPO
-from tests.slurm.conftest import FINAL_STATES, GENERATE_ARGS, PROMPTS, SETS, TINY_RECIPE, Cluster, TinyModels
+from tests.slurm.conftest import GENERATE_ARGS, PROMPTS, SETS, TINY_RECIPE, Cluster, TinyModels
 
 LAUNCH = REPO / "slurm" / "launch.py"
 
@@ -104,10 +104,7 @@ def preempt_stage2(cluster: Cluster, out: Path, process: subprocess.Popen) -> st
         time.sleep(0.05)
     job = cluster.run("squeue", "-h", "--name", "stage2", "--states", "RUNNING", "-o", "%i").stdout.split()[0]
     cluster.run("scancel", f"--signal={SlurmJobEnvironment.USR_SIG}", job)
-    while (state := cluster.job(job)["JobState"]) != "PENDING":
-        assert state not in FINAL_STATES and time.time() < deadline, state
-        time.sleep(0.2)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # rather than Slurm's ~2 min requeue delay
+    cluster.start_requeued(job)
     return job
 
 

@@ -17,7 +17,7 @@ from data.reader import ReaderConfig, ShardLoader
 from data.shard_writer import finished_shards
 from recipes.reporting import read_metrics
 from recipes.run_identity import RUN_FILE
-from tests.slurm.conftest import FINAL_STATES, PROMPTS, Cluster, Run, finish, submit
+from tests.slurm.conftest import PROMPTS, Cluster, Run, finish, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 STEP_NAMES = ["prompts", "generate-stage1", "generate-stage2", "generate-val", "null-caption", "stage1", "stage2",
@@ -117,15 +117,11 @@ def test_time_limit_signal_and_scontrol_requeue_in_stage2_resume_to_the_same_wei
 
 
 def interrupt(cluster: Cluster, run: Run, checkpoint: Path, *command: str) -> None:
-    """Once `checkpoint` is complete, run `command JOB_ID`, which must requeue the job; then start it again at once
-    rather than after Slurm's requeue delay (about 2 minutes)."""
+    """Once `checkpoint` is complete, run `command JOB_ID`, which must requeue the job; then start it again."""
     deadline = time.time() + 600
     while not (checkpoint / "COMPLETE").is_file():
         assert cluster.job(run.job_id)["JobState"] in ("PENDING", "RUNNING"), run.log_text()[-3000:]
         assert time.time() < deadline, f"no {checkpoint} after 10 minutes"
         time.sleep(0.05)
     cluster.run(*command, run.job_id)
-    while (state := cluster.job(run.job_id)["JobState"]) != "PENDING":  # Slurm ends the running job first
-        assert state not in FINAL_STATES and time.time() < deadline, state
-        time.sleep(0.2)
-    cluster.run("scontrol", "update", f"JobId={run.job_id}", "StartTime=now")
+    cluster.start_requeued(run.job_id)
