@@ -5,8 +5,10 @@
         --set "graft.grafts=[{type: mha, name: hyena_x, config: {}, layers: {ratio: 0.75, pattern: interleaved}}]"
 
 Steps (each a command, printed before it runs; finished steps are skipped, so a killed demo resumes):
-1. `data.shapes_data prompts`: training-stream prompts of the shapes world (never the held-out ones);
-2. `data.generate`: the teacher samples them into WebDataset shards (image, latent, T5 features);
+1. `data.shapes_data prompts`: training-stream prompts of the shapes world (never the held-out ones), for the
+   training pairs and, from another seed, for the validation pairs;
+2. `data.generate`: the teacher samples them into WebDataset shards (image, latent, T5 features); the graft never
+   trains on the validation pairs, on which stage 1 picks its best students (`data.val`);
 3. `recipes.null_caption`: the teacher text encoder's features of the empty prompt (caption dropout);
 4. `recipes.train`: stage 1 (Hyena-X students distilled from the teacher's self-attention) then stage 2
    (finetuning of the graft), under DeepSpeed on `--nproc` processes → the graft's export folder;
@@ -94,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="recipe overrides (repeatable), e.g. --set stage2.steps=0 for stage 1 only")
     parser.add_argument("--students", help="`fresh`: skip stage 1 and finetune randomly initialised operators")
     parser.add_argument("--pairs", type=int, default=1024, help="teacher-generated training pairs")
+    parser.add_argument("--val-pairs", type=int, default=64,
+                        help="teacher-generated pairs held out from training: stage 1 picks its best students on them")
     parser.add_argument("--gen-steps", type=int, default=20, help="teacher sampling steps for the pairs")
     parser.add_argument("--cfg", type=float, default=4.5, help="guidance for the pairs and for GenEval")
     parser.add_argument("--nproc", type=int, default=2, help="processes for generation, training and GenEval")
@@ -112,18 +116,21 @@ def main(argv: list[str] | None = None) -> Path:
     run = Runner(out, args.nproc)
     py = sys.executable
     data = shared / "data"
-    prompts, shards, null = data / "prompts.jsonl", data / "shards", data / "null_caption.safetensors"
+    shards, val, null = data / "shards", data / "val", data / "null_caption.safetensors"
     graft_dir = out / "graft"
     overrides = [f"output_dir={graft_dir}", f"model.pretrained={teacher}", f"data.train={shards}",
-                 f"data.null_caption={null}", *args.overrides]
+                 f"data.val={val}", f"data.null_caption={null}", *args.overrides]
     recipe = load_recipe(args.recipe, overrides)  # a bad override fails here, before any work
 
-    run.step("prompts", prompts, [py, "-m", "data.shapes_data", "prompts", "--split", "train", "--n",
-                                  str(args.pairs), "--seed", "1", "--out", str(prompts)], call=shapes_data.main)
-    run.step("generate", data / "generate.done", run.torchrun([
-        "-m", "data.generate", "--pipeline", str(teacher), "--prompts", str(prompts), "--out", str(shards),
-        "--steps", str(args.gen_steps), "--cfg", str(args.cfg), "--batch-size", "32",
-        "--shard-size", str(max(1, args.pairs // 16)), "--seed", "1000"]), write_marker=True)
+    for split, pairs, seed in (("train", args.pairs, 1), ("val", args.val_pairs, 2)):
+        prompts, folder = data / f"prompts_{split}.jsonl", shards if split == "train" else val
+        run.step(f"prompts {split}", prompts, [py, "-m", "data.shapes_data", "prompts", "--split", "train", "--n",
+                                               str(pairs), "--seed", str(seed), "--out", str(prompts)],
+                 call=shapes_data.main)
+        run.step(f"generate {split}", folder / "generate.done", run.torchrun([
+            "-m", "data.generate", "--pipeline", str(teacher), "--prompts", str(prompts), "--out", str(folder),
+            "--steps", str(args.gen_steps), "--cfg", str(args.cfg), "--batch-size", "32",
+            "--shard-size", str(max(1, pairs // 16)), "--seed", str(1000 * seed)]), write_marker=True)
     run.step("null caption", null, [py, "-m", "recipes.null_caption", "--pipeline", str(teacher), "--out", str(null),
                                     "--max-length", str(recipe.data.reader.caption_tokens)], call=null_caption.main)
     train = ["-m", "recipes.train", str(args.recipe), *[a for o in overrides for a in ("--set", o)]]

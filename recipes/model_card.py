@@ -365,15 +365,17 @@ def evaluation_section(folder: Path, family: Family, graft: GraftSpec | None) ->
     return lines, results
 
 
-def usage_section(family: Family, name: str, base: str | None, code_url: str | None, counts: tuple[int, int]
-                  ) -> list[str]:
+def usage_section(family: Family, name: str, on_hub: bool, base: str | None, code_url: str | None,
+                  counts: tuple[int, int]) -> list[str]:
+    """How to load it: `name` is the Hub id when there is one (`on_hub`), else the export folder's path."""
     pipeline_repo = base if family.model is DiT and base else family.base_pipeline
     code = f"[the grafting repository]({code_url})" if code_url else "the grafting repository (`grafting-dit`)"
     return [
         "## Use it with diffusers", "",
         f"The transformer drops into diffusers' `{family.pipeline_class}`; the text encoder, VAE and scheduler come "
         f"from `{pipeline_repo}`. The grafted transformer's `from_pretrained` reads a local folder or the local "
-        f"Hugging Face cache and never downloads: `hf download {name}` first.", "",
+        "Hugging Face cache and never downloads"
+        + (f": `hf download {name}` first." if on_hub else f", here the export folder `{name}`."), "",
         "```python",
         "import torch",
         f"from diffusers import {family.pipeline_class}",
@@ -454,7 +456,7 @@ def render_card(folder: Path, options: CardOptions) -> str:
              f"- License: {card.license or 'not set (--license)'}"
              + (" (the base model's)" if card.license and not options.license else "") + ".", ""]
     body = intro + graft_section(config, graft, counts) + training_section(recipe, graft) + evaluation + usage_section(
-        family, name, base, options.code_url, counts)
+        family, name, options.hub_id is not None, base, options.code_url, counts)
     return f"---\n{card.to_yaml()}\n---\n\n" + "\n".join(body).rstrip() + "\n"
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
+from data.reader import ReaderConfig, ShardLoader
 from recipes.demo import main
 
 pytestmark = pytest.mark.slow
@@ -13,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_on_a_tiny_teacher(shapes_pipeline, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--out", str(tmp_path / "demo"), "--teacher", str(shapes_pipeline), "--pairs", "32", "--gen-steps", "2",
+    args = ["--out", str(tmp_path / "demo"), "--teacher", str(shapes_pipeline), "--pairs", "32", "--val-pairs", "8",
+            "--gen-steps", "2",
             "--eval-steps", "2", "--no-proxy", "--set", "stage1.steps=4", "--set", "stage1.eval_every=2",
             "--set", "stage1.eval_batches=1", "--set", "stage2.steps=4", "--set", "data.reader.batch_size=4"]
     report = main(args)
@@ -27,8 +30,13 @@ def test_demo_on_a_tiny_teacher(shapes_pipeline, tmp_path, capsys, monkeypatch):
     assert graft["images"] == 324 and graft["run"]["generation"]["grafted"] is True
     assert json.loads((demo / "fidelity" / "fidelity.json").read_text())["images"] == 324
     steps = set(json.loads((demo / "timings.json").read_text()))
-    assert steps == {"prompts", "generate", "null caption", "train", "GenEval teacher", "GenEval graft", "fidelity",
-                     "speed"}
+    assert steps == {"prompts train", "generate train", "prompts val", "generate val", "null caption", "train",
+                     "GenEval teacher", "GenEval graft", "fidelity", "speed"}
+    recipe = yaml.safe_load((demo / "graft" / "recipe.yaml").read_text())
+    assert recipe["data"]["val"] == str(demo / "data" / "val") and recipe["stage1"]["select_on"] == "held_out"
+    loader = ShardLoader(ReaderConfig(shards=[str(demo / "data" / "val")], batch_size=1, epochs=1, num_workers=0,
+                                      latent_channels=12))
+    assert sum(len(batch["keys"]) for batch in loader) == 8  # pairs the graft never trained on
 
     ablation = main(["--out", str(tmp_path / "fresh"), "--shared", str(demo), *args[2:], "--students", "fresh"])
     assert set(json.loads((tmp_path / "fresh" / "timings.json").read_text())) == {"train", "GenEval graft",

@@ -62,6 +62,7 @@ def test_an_export_carries_a_hub_card(pixart_export):
     model = PixArtSigma.from_pretrained(pixart_export)
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in text
     assert 'GraftedPixArtTransformer2DModel.from_pretrained("' + str(pixart_export) + '"' in text
+    assert "hf download" not in text and f"here the export folder `{pixart_export}`" in text  # no Hub id yet
 
 
 def test_hub_id_and_speed_report(pixart_export, tmp_path, monkeypatch):
