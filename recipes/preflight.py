@@ -22,12 +22,15 @@ from recipes.validation import Sources
 SHARD_KEYS = ("data.train", "data.val", "stage1.shards", "stage2.shards")
 
 
-def graft_targets(recipe: Recipe, sources: Sources, model: torch.nn.Module) -> dict[str, Graft]:
-    """The modules the graft replaces (none for a recipe without a graft), checked against the model's depth."""
+def graft_targets(recipe: Recipe, sources: Sources, model: torch.nn.Module) -> tuple[GraftSpec | None,
+                                                                                      dict[str, Graft]]:
+    """The graft spec and the modules it replaces (none for a recipe without a graft), checked against the
+    model's depth."""
     if recipe.graft is None:
-        return {}
+        return None, {}
     try:
-        return GraftSpec.from_dict(recipe.graft, where="graft").targets(model)
+        spec = GraftSpec.from_dict(recipe.graft, where="graft")
+        return spec, spec.targets(model)
     except ConfigError as err:
         raise ConfigError(f"{sources.of('graft')}: graft: {err}") from None
 
@@ -36,7 +39,7 @@ def check_inputs(recipe: Recipe, sources: Sources, world_size: int, students: Pa
     """Everything `train` would find wrong later, now. `students`: the stage-1 students stage 2 starts from, when
     only stage 2 runs (they must all be there)."""
     model = meta_model(recipe, sources)
-    targets = graft_targets(recipe, sources, model)
+    spec, targets = graft_targets(recipe, sources, model)
     if recipe.graft is not None and recipe.stage1.mode == "split" and len(targets) < world_size:
         raise sources.error("stage1.mode", f"split gives each rank its own students, but {len(targets)} students "
                                            f"cannot cover {world_size} ranks; use fewer ranks or data_parallel")
@@ -55,8 +58,7 @@ def check_inputs(recipe: Recipe, sources: Sources, world_size: int, students: Pa
             raise ConfigError(f"{sources.of('data.val')}: {err}") from None
     if recipe.data.null_caption and recipe.model.family == "pixart":
         check_null_caption(recipe, sources, model.config.caption_channels)
-    grafts = [] if recipe.graft is None else GraftSpec.from_dict(recipe.graft, where="graft").grafts
-    for i, graft in enumerate(grafts):
+    for i, graft in enumerate(spec.grafts if spec else []):
         for block, file in sorted(graft.weights.items()):
             if not Path(file).is_file():
                 raise sources.error("graft", f"grafts[{i}].weights[{block}]: no such file {file}")
