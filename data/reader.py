@@ -18,6 +18,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import multiprocessing
+import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -27,11 +29,12 @@ from pathlib import Path
 from typing import Literal
 
 import braceexpand
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from common.lifeline import exit_with_parent
+from common.lifeline import exit_with
 from common.runtime import Rank, parse_dtype
 from data.batching import ShapeBuckets, collate
 from data.sample_format import LABEL, LATENT, LATENT_FLIP, TENSORS, TEXT, SampleError, tensor_layout
@@ -297,8 +300,10 @@ class ShardLoader:
         stream = ShardStream(self.config, self.shards, self.rank, list(self.positions), self.next_slot)
         text_tokens = self.config.caption_tokens if self.config.kind == "text" else None
         dtype = parse_dtype(self.config.dtype) if self.config.dtype else None
-        for plan in DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
-                               worker_init_fn=_end_with_the_reader):
+        workers = self.config.num_workers
+        for plan in DataLoader(stream, batch_size=None, num_workers=workers,
+                               worker_init_fn=partial(_end_with_the_reader, os.getpid()),
+                               multiprocessing_context=worker_context() if workers else None):
             slot = plan["_slot"]
             self.positions[slot] = WorkerPosition(**plan["_position"])
             self.skipped.update(plan["_skipped"])
@@ -337,9 +342,23 @@ class ShardLoader:
         self.skipped = Counter(state["skipped"])
 
 
-def _end_with_the_reader(worker_id: int) -> None:
-    """A DataLoader worker ends at once when the process it reads for dies (SIGKILL, OOM), not seconds later."""
-    exit_with_parent()
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How DataLoader workers start: by forking this process (the platform default), except where
+    torch.distributed is up. There gloo's threads take CPython's thread-state lock when they release Python
+    objects, and a fork at that moment leaves the child blocked on that lock forever on Python ≤ 3.11
+    (cpython gh-112275; a stage-1 validation loader hung so in a 2-rank test). A fork server (started by
+    fork + exec, single-threaded, with the reader imported) forks the workers instead."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["data.reader"])
+    return context
+
+
+def _end_with_the_reader(reader: int, worker_id: int) -> None:
+    """A DataLoader worker ends at once when the process it reads for dies (SIGKILL, OOM), not seconds later:
+    its parent, or the fork server's client (which the fork server would otherwise outlive with its workers)."""
+    exit_with(reader)
 
 
 def _comparable(fingerprint: dict) -> dict:

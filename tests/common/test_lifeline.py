@@ -1,5 +1,6 @@
 """A worker ends with its launcher: SIGKILL the parent, and the child (which armed `exit_with_parent`) is gone
-within seconds, by the parent-death signal or, where there is none, by the watchdog thread."""
+within seconds, by the parent-death signal or, where there is none, by the watchdog thread. The same for a
+process that is not the worker's parent (`exit_with`: a fork server's worker and the server's client)."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,16 @@ if sys.argv[1] == "watchdog":
     lifeline._pdeathsig = lambda sig: False  # as on a system without prctl
     lifeline.WATCH_INTERVAL = 0.1
 lifeline.exit_with_parent()
+print("armed", flush=True)
+time.sleep(120)
+"""
+SERVANT = """
+import os, sys, time
+from common import lifeline
+if sys.argv[2] == "poll":
+    del os.pidfd_open  # as where there is no pidfd
+    lifeline.WATCH_INTERVAL = 0.1
+lifeline.exit_with(int(sys.argv[1]))
 print("armed", flush=True)
 time.sleep(120)
 """
@@ -61,3 +72,20 @@ def test_a_worker_dies_with_its_killed_launcher(mode):
         parent.wait()
         if child is not None and psutil.pid_exists(child):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["pidfd", "poll"])
+def test_a_worker_dies_with_the_process_it_serves_which_is_not_its_parent(mode):
+    served = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    worker = subprocess.Popen([sys.executable, "-c", SERVANT, str(served.pid), mode], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert worker.stdout.readline().strip() == "armed"
+        served.kill()
+        if mode == "poll":  # a zombie still answers kill(pid, 0); a pidfd reports the exit at once
+            served.wait()
+        assert gone_within(worker.pid, 5), f"worker {worker.pid} outlived the process it serves"
+    finally:
+        for process in (served, worker):
+            process.kill()
+            process.wait()

@@ -236,3 +236,27 @@ def test_a_data_set_without_any_good_sample_is_a_clear_error(tmp_path):
     loader = ShardLoader(ReaderConfig(shards=[str(tmp_path)], batch_size=2, num_workers=0, latent_size=(8, 8)))
     with pytest.raises(RuntimeError, match=r"none of the 2 shards holds a valid sample .*bad_shape"):
         next(iter(loader))
+
+
+def test_workers_of_a_distributed_process_come_from_a_fork_server(tmp_path):
+    """With torch.distributed up, forking the process can deadlock the worker (`worker_context`): the workers
+    are children of a fork server, not of this process, and read what forked workers read."""
+    import psutil
+    import torch.distributed as dist
+
+    write_synthetic(tmp_path, 20, 5)
+    forked, _ = read_all(tmp_path, 2, batch_size=3)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        loader = iter(ShardLoader(ReaderConfig(shards=[str(tmp_path)], batch_size=3, epochs=1, num_workers=2)))
+        served = [next(loader)]
+        me = psutil.Process()
+        children = me.children(recursive=True)
+        workers = [p for p in children if p.ppid() != me.pid]
+        assert len(workers) == 2 and all(p.parent() in children for p in workers), children
+        served += list(loader)
+    finally:
+        dist.destroy_process_group()
+    assert [b["keys"] for b in served] == [b["keys"] for b in forked]
+    for a, b in zip(served, forked):
+        assert torch.equal(bits(a["latent"]), bits(b["latent"]))
