@@ -169,6 +169,8 @@ def run_stage2(recipe: Recipe, rank: int, world_size: int, resume: str | None, s
                run_id: str) -> Path:
     """Finetune and export; returns the export folder."""
     out, cfg = recipe.out / "stage2", recipe.stage2
+    if cfg.steps == 0 and rank == 0:
+        log.info("stage2.steps is 0: the export is the grafted model as stage 1 left it, without finetuning")
     finetuner = Finetuner(recipe, rank, world_size, students_dir)
     stage = loop.Stage(name="stage2", engine=finetuner.engine, source=finetuner.batches(), total_steps=cfg.steps,
                        log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,

@@ -156,6 +156,24 @@ def test_the_export_loses_nothing_under_pure_bf16(tmp_path):
     assert any(not torch.equal(v, v.bfloat16().float()) for k, v in exported.items() if k.startswith(grafted))
 
 
+def test_zero_finetuning_steps_export_the_stage1_graft_as_it_is(tmp_path):
+    """stage2.steps=0, the stage-1-only ablation: the export is the teacher with its best stage-1 students in
+    place, bit for bit (2 ranks, ZeRO-2, LoRA and EMA as the tiny recipe has them)."""
+    from models.weights import read_state_dict
+    from recipes.builders import build_teacher
+
+    train(tmp_path, ["stage1.steps=10", "stage2.steps=0"])
+    grafted = ("blocks.1.attn", "blocks.3.attn")
+    teacher = build_teacher(load_recipe(TINY, [f"output_dir={tmp_path}"])).state_dict()
+    expected = {k: v for k, v in teacher.items() if not k.startswith(grafted)}
+    for block in grafted:
+        student = read_state_dict(tmp_path / "stage1" / "best" / f"{block}.safetensors")
+        expected |= {f"{block}.{k}": v for k, v in student.items()}
+    exported = read_state_dict(tmp_path / "export" / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
 def kill_all(processes: list[psutil.Process]) -> list[psutil.Process]:
     """SIGKILL every process of a tree (torchrun starts each worker in a session of its own, so killing a process
     group is not enough); returns the processes still running 10 s later."""
