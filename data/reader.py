@@ -344,8 +344,8 @@ class ShardLoader:
 
 def worker_context() -> multiprocessing.context.BaseContext | None:
     """How DataLoader workers start: by forking this process (the platform default), except where
-    torch.distributed is up. There gloo's threads take CPython's thread-state lock when they release Python
-    objects, and a fork at that moment leaves the child blocked on that lock forever on Python ≤ 3.11
+    torch.distributed is up. A rank's other threads (gloo's C++ threads among them) can hold CPython's
+    thread-state lock at the moment of a fork, and on Python ≤ 3.11 the child then waits on that lock forever
     (cpython gh-112275; a stage-1 validation loader hung so in a 2-rank test). A fork server (started by
     fork + exec, single-threaded, with the reader imported) forks the workers instead."""
     if not (dist.is_available() and dist.is_initialized()):
