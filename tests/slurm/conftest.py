@@ -60,10 +60,10 @@ class Cluster:
     def start_requeued(self, job_id: str, timeout: float = 600) -> None:
         """Start a job that is being requeued at once, rather than after Slurm's requeue delay (about 2 minutes).
 
-        The delay exists because slurmd refuses a launch whose credential is not newer, to the second, than the
-        revocation of the job's previous run: a `StartTime=now` in the same second as the requeue makes the next
-        run fail at launch (FAILED, exit 1, no output). So: wait until the old run has left the node, then until
-        the clock is past the second it ended in."""
+        The delay exists because slurmd refuses to relaunch a job too soon after revoking its last run's credential
+        (slurm.conf `cred_expire`). A `StartTime=now` in the same second as the requeue is the likely cause of a
+        run that failed at launch in CI (FAILED, exit 1, no output). So: wait until the old run has left the node,
+        then until the clock is past the second it ended in."""
         deadline = time.time() + timeout
         while (state := self.job(job_id)["JobState"]) != "PENDING" or self.node_states() != {"idle"}:
             assert state not in FINAL_STATES and time.time() < deadline, f"job {job_id} {state}, {self.node_states()}"
