@@ -21,6 +21,7 @@ from torch.utils.benchmark import Timer
 from common.tables import markdown_table
 from recipes.config import load_recipe
 from recipes.distributed import init_process_group
+from recipes.master import trainable
 
 RECIPE = Path(__file__).parent / "tiny_dit_hyena_y.yaml"
 
@@ -30,7 +31,7 @@ class PreviousEMA:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().float().cpu().clone() for n, p in trainable(module).items()}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
